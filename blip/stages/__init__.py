@@ -1,0 +1,1 @@
+"""One thin `main(argv)` per pipeline stage; `dvc.yaml` runs them through the `blip` command."""
