@@ -57,6 +57,5 @@ def write_params(folder: Path, **sections: dict) -> Path:
 
 @pytest.fixture
 def small_params(workdir: Path) -> Path:
-    return write_params(
-        workdir, world=SMALL_WORLD, ingest={"out_dir": "data/shards", "samples_per_shard": 50, "sources": [{"format": "synthetic"}]}
-    )
+    ingest = {"out_dir": "data/shards", "samples_per_shard": 50, "sources": [{"format": "synthetic"}]}
+    return write_params(workdir, world=SMALL_WORLD, ingest=ingest)

@@ -112,12 +112,22 @@ def _total(params: Params) -> int | None:
 
 
 def ingest(params: Params, show_progress: bool = True) -> dict:
-    cfg = params.ingest
-    out_dir = cfg.out_dir
+    out_dir = params.ingest.out_dir
     staging = out_dir.parent / f".{out_dir.name}.staging"
     shutil.rmtree(staging, ignore_errors=True)  # leftovers of a killed run; never the live output
     staging.mkdir(parents=True)
 
+    try:
+        manifest = _write_all(params, staging, show_progress)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # the previous output stays as it was
+        raise
+    _swap_in(staging, out_dir)
+    return manifest
+
+
+def _write_all(params: Params, staging: Path, show_progress: bool) -> dict:
+    cfg = params.ingest
     writers: dict[str, ShardWriter] = {}
     kinds: dict[str, str] = {}
     skipped: Counter[str] = Counter()
@@ -170,7 +180,6 @@ def ingest(params: Params, show_progress: bool = True) -> dict:
         "content_hash": f"sha256:{digest.hexdigest()}",
     }
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    _swap_in(staging, out_dir)
     return manifest
 
 

@@ -78,7 +78,7 @@ def shape_box(obj: Obj, image_size: int) -> tuple[float, float, float, float]:
     """The bounding box (x0, y0, x1, y1) the object is drawn in."""
     cell = image_size / GRID
     extent = cell * EXTENT[obj.size]
-    slack = (cell - extent) / 2
+    slack = max(0.0, (cell - extent) / 2 - 1.5)  # keep 1.5 px clear of the cell edge: no shape spills over
     cx = (obj.col + 0.5) * cell + obj.dx * slack
     cy = (obj.row + 0.5) * cell + obj.dy * slack
     return cx - extent / 2, cy - extent / 2, cx + extent / 2, cy + extent / 2
@@ -104,5 +104,6 @@ def render(scene: Scene, image_size: int) -> Image.Image:
 
 def encode_jpeg(image: Image.Image, quality: int = 95) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=quality)
+    # 4:4:4 chroma: the default 4:2:0 subsampling smears colour across the edges of small shapes.
+    image.save(buffer, format="JPEG", quality=quality, subsampling=0)
     return buffer.getvalue()

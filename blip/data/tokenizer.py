@@ -19,17 +19,24 @@ def _base(name: str) -> BertTokenizer:
     if path.is_file():
         # transformers 5 ignores `vocab_file=` (an empty 5-token vocab); `vocab=` reads the file.
         return BertTokenizer(vocab=str(path), do_lower_case=True)
-    # A folder or hub name. transformers 5 returns an empty tokenizer (not an error) for a name it cannot find.
-    return BertTokenizer.from_pretrained(name)
+    # A folder or hub name. transformers 5 returns an empty tokenizer (not an error) for some names it cannot find.
+    try:
+        return BertTokenizer.from_pretrained(name)
+    except OSError as exc:
+        raise _no_vocabulary(name) from exc
+
+
+def _no_vocabulary(name: str) -> ValueError:
+    return ValueError(
+        f"tokenizer {name!r}: no vocabulary loaded (not a vocab.txt, a tokenizer folder, or a hub model in the "
+        f"local cache; hub downloads are off with HF_HUB_OFFLINE=1). Use {PACKAGED_BERT!r} or a local path."
+    )
 
 
 def load_tokenizer(name: str = PACKAGED_BERT) -> BertTokenizer:
     tokenizer = _base(name)
     if tokenizer.convert_tokens_to_ids("the") == tokenizer.unk_token_id:
-        raise ValueError(
-            f"tokenizer {name!r}: no vocabulary loaded (not a vocab.txt, a tokenizer folder, or a hub model in the "
-            f"local cache; hub downloads are off with HF_HUB_OFFLINE=1). Use {PACKAGED_BERT!r} or a local path."
-        )
+        raise _no_vocabulary(name)
     tokenizer.add_special_tokens({"bos_token": DEC_TOKEN, "additional_special_tokens": [ENC_TOKEN]})
     return tokenizer
 

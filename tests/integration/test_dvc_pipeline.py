@@ -1,0 +1,60 @@
+"""`dvc repro` on the committed params, in a fresh copy of the repository: runs ingest once, then skips it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, f"{cmd} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout + done.stderr
+
+
+@pytest.fixture
+def clone(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    copy = tmp_path / "repo"
+    for name in files:
+        if (REPO / name).is_file():
+            (copy / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, copy / name)
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{copy / 'mlflow.db'}",
+        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+    }  # fmt: skip
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
+        run(cmd, copy, env)
+    return copy, env
+
+
+def test_dvc_repro_runs_ingest_then_does_nothing(clone: tuple[Path, dict[str, str]]) -> None:
+    repo, env = clone
+    out = run(["dvc", "repro"], repo, env)
+    assert "Running stage 'ingest'" in out
+    manifest = json.loads((repo / "data/shards/manifest.json").read_text())
+    assert manifest["splits"]["web"]["samples"] == 6000 and manifest["skipped"]["total"] == 0
+    assert manifest["splits"]["clean_train"]["samples"] == 800
+    assert json.loads((repo / "metrics/ingest.json").read_text())["samples"]["web"] == 6000
+    shard = repo / "data/shards/web/shard-000000.tar"
+    stamp = shard.stat().st_mtime_ns
+
+    again = run(["dvc", "repro"], repo, env)
+    assert "Running stage" not in again and "didn't change" in again
+    assert shard.stat().st_mtime_ns == stamp
+    assert "up to date" in run(["dvc", "status"], repo, env).lower()
+    (shown,) = json.loads(run(["dvc", "metrics", "show", "--json"], repo, env)).values()
+    assert shown["data"]["metrics/ingest.json"]["data"]["samples"]["web"] == 6000
