@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import BertTokenizer
@@ -43,3 +44,24 @@ def load_tokenizer(name: str = PACKAGED_BERT) -> BertTokenizer:
 
 def enc_token_id(tokenizer: BertTokenizer) -> int:
     return tokenizer.convert_tokens_to_ids(ENC_TOKEN)
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """The ids the models need; models take ids, never a tokenizer object."""
+
+    pad: int
+    cls: int
+    sep: int
+    bos: int  # [DEC]
+    enc: int  # [ENC]
+
+    @staticmethod
+    def of(tokenizer: BertTokenizer) -> SpecialTokens:
+        return SpecialTokens(
+            tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id,
+            tokenizer.bos_token_id, enc_token_id(tokenizer),
+        )  # fmt: skip
+
+
+BERT_SPECIAL_TOKENS = SpecialTokens(pad=0, cls=101, sep=102, bos=30522, enc=30523)

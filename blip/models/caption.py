@@ -1,0 +1,84 @@
+"""The captioner: image encoder + image-grounded decoder, trained with the LM loss after a prompt.
+
+As in BLIP, the text is "a picture of " + caption, with [DEC] replacing [CLS]; the prompt's tokens are masked from
+the loss and cut from generated captions. Keys match the official caption checkpoints (`visual_encoder.*`,
+`text_decoder.bert.*`, `text_decoder.cls.*`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from blip.config.schema import ModelConfig
+from blip.data.tokenizer import SpecialTokens
+from blip.models.generation import GenerationConfig, beam_search, greedy_or_sample
+from blip.models.med import KVCache, TextDecoder, lm_loss
+from blip.models.vit import create_vit
+
+PROMPT = "a picture of "
+
+
+class BlipCaptioner(nn.Module):
+    def __init__(self, cfg: ModelConfig, tokens: SpecialTokens, prompt_ids: list[int], label_smoothing: float = 0.1):
+        """`prompt_ids`: the tokenised prompt without [CLS]/[SEP] (e.g. "a picture of" -> 3 ids)."""
+        super().__init__()
+        self.tokens, self.label_smoothing = tokens, label_smoothing
+        self.visual_encoder = create_vit(cfg)
+        self.text_decoder = TextDecoder(cfg)
+        self.register_buffer("prompt", torch.tensor([tokens.bos, *prompt_ids]), persistent=False)
+
+    @property
+    def prompt_length(self) -> int:
+        return len(self.prompt)
+
+    def forward(self, images: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """LM loss of prompt + caption (`text_ids` tokenised from PROMPT + caption, starting with [CLS])."""
+        image_embeds = self.visual_encoder(images)
+        ids = text_ids.clone()
+        ids[:, 0] = self.tokens.bos
+        labels = ids.masked_fill(ids == self.tokens.pad, -100)
+        labels[:, : self.prompt_length] = -100
+        return lm_loss(self.text_decoder(ids, text_mask, image_embeds), labels, self.label_smoothing)
+
+    def logits(self, images: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        ids = text_ids.clone()
+        ids[:, 0] = self.tokens.bos
+        return self.text_decoder(ids, text_mask, self.visual_encoder(images))
+
+    @torch.no_grad()
+    def generate(
+        self, images: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None = None
+    ) -> list[list[int]]:
+        """Caption token ids per image (prompt and end token removed)."""
+        image_embeds = self.visual_encoder(images)
+        return decode(self.text_decoder, image_embeds, self.prompt, config, self.tokens, generator)
+
+
+def decode(
+    decoder: TextDecoder,
+    context: torch.Tensor,
+    prompt: torch.Tensor,
+    config: GenerationConfig,
+    tokens: SpecialTokens,
+    generator: torch.Generator | None = None,
+    context_mask: torch.Tensor | None = None,
+) -> list[list[int]]:
+    """Run the decoder on `context` (image tokens, or VQA question states) from `prompt`, one KV cache per row."""
+    rows = context.shape[0]
+    repeat = config.num_beams if config.method == "beam" else 1
+    state = {"context": context.repeat_interleave(repeat, 0), "mask": None, "cache": KVCache()}
+    if context_mask is not None:
+        state["mask"] = context_mask.repeat_interleave(repeat, 0)
+
+    def step(ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        logits = decoder(ids, attention_mask, state["context"], state["mask"], cache=state["cache"])
+        return logits[:, -1]
+
+    def reorder(index: torch.Tensor) -> None:
+        state["cache"].select(index)
+
+    batch_prompt = prompt[None].expand(rows, -1)
+    if config.method == "beam":
+        return beam_search(step, reorder, batch_prompt, config, tokens.sep, tokens.pad)
+    return greedy_or_sample(step, batch_prompt, config, tokens.sep, tokens.pad, generator)

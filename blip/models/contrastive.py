@@ -1,0 +1,238 @@
+"""ITC and ITM machinery shared by pretraining, retrieval and the CapFilt filter.
+
+- momentum encoders (EMA copies) and feature queues, with the queue filled one global batch at a time;
+- ITC targets with momentum distillation: alpha * softmax(momentum similarities) + (1 - alpha) * positives;
+- ITM hard negatives drawn from softmax(similarity) + 1e-4 with positives zeroed, across ranks, through a
+  gather that keeps gradients (so a negative drawn from another rank still trains that rank's encoders).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from blip.config.schema import ModelConfig
+from blip.data.tokenizer import SpecialTokens
+from blip.models.med import MED
+from blip.models.vit import create_vit
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@torch.no_grad()
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    if not distributed():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        # Every rank computed a loss on the gathered tensor: sum their gradients, keep this rank's slice.
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        size = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * size : (dist.get_rank() + 1) * size]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    return _GatherWithGrad.apply(x) if distributed() else x
+
+
+def rank_offset(batch: int) -> int:
+    return dist.get_rank() * batch if distributed() else 0
+
+
+def momentum_pairs(model: nn.Module, names: list[str]) -> list[tuple[nn.Module, nn.Module]]:
+    return [(getattr(model, name), getattr(model, f"{name}_m")) for name in names]
+
+
+@torch.no_grad()
+def copy_to_momentum(pairs: list[tuple[nn.Module, nn.Module]]) -> None:
+    for online, momentum in pairs:
+        for p, p_m in zip(online.parameters(), momentum.parameters(), strict=True):
+            p_m.copy_(p)
+            p_m.requires_grad_(False)
+
+
+@torch.no_grad()
+def momentum_update(pairs: list[tuple[nn.Module, nn.Module]], momentum: float) -> None:
+    for online, ema in pairs:
+        ema_params = list(ema.parameters())
+        torch._foreach_mul_(ema_params, momentum)
+        torch._foreach_add_(ema_params, [p.detach() for p in online.parameters()], alpha=1 - momentum)
+
+
+@torch.no_grad()
+def enqueue(queues: list[torch.Tensor], pointer: torch.Tensor, batches: list[torch.Tensor]) -> None:
+    """Write this step's (globally gathered) features as columns of the queues, FIFO."""
+    gathered = [gather_no_grad(b) for b in batches]
+    size = gathered[0].shape[0]
+    ptr = int(pointer)
+    if queues[0].shape[1] % size:
+        raise ValueError(f"queue size {queues[0].shape[1]} is not a multiple of the global batch {size}")
+    for queue, feats in zip(queues, gathered, strict=True):
+        queue[:, ptr : ptr + size] = feats.T if feats.dim() == 2 else feats
+    pointer[0] = (ptr + size) % queues[0].shape[1]
+
+
+def itc_loss(sim: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return -(F.log_softmax(sim, dim=1) * targets).sum(1).mean()
+
+
+@torch.no_grad()
+def distilled_targets(sim_m: torch.Tensor, positives: torch.Tensor, alpha: float) -> torch.Tensor:
+    """alpha * softmax(momentum similarities) + (1 - alpha) * positives normalised per row."""
+    hard = positives / positives.sum(1, keepdim=True)
+    return alpha * F.softmax(sim_m, dim=1) + (1 - alpha) * hard
+
+
+@torch.no_grad()
+def negative_weights(sim: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """Sampling weights for hard negatives: softmax(sim) + 1e-4, zero on every positive."""
+    return (F.softmax(sim, dim=1) + 1e-4).masked_fill(positives, 0)
+
+
+def sample_negatives(
+    sim_i2t: torch.Tensor,
+    sim_t2i: torch.Tensor,
+    image_embeds: torch.Tensor,
+    text_ids: torch.Tensor,
+    text_mask: torch.Tensor,
+    image_ids: torch.Tensor | None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One negative image per text and one negative text per image, drawn from the global batch.
+
+    `sim_*` are this rank's rows against the gathered global batch ([B, world*B]). Positives are the diagonal
+    and, when `image_ids` are known, every caption of the same image. Returns (negative image embeds for each
+    text, negative text ids and mask for each image).
+    """
+    batch = image_embeds.shape[0]
+    offset = rank_offset(batch)
+    all_ids = gather_no_grad(image_ids) if image_ids is not None else None
+    with torch.no_grad():
+        positives = torch.zeros_like(sim_i2t, dtype=torch.bool)
+        positives[torch.arange(batch), torch.arange(batch) + offset] = True
+        if all_ids is not None:
+            positives |= image_ids[:, None] == all_ids[None, :]
+        image_for_text = torch.multinomial(negative_weights(sim_t2i, positives), 1, generator=generator).squeeze(1)
+        text_for_image = torch.multinomial(negative_weights(sim_i2t, positives), 1, generator=generator).squeeze(1)
+    world_images = gather_with_grad(image_embeds)
+    return (
+        world_images[image_for_text],
+        gather_no_grad(text_ids)[text_for_image],
+        gather_no_grad(text_mask)[text_for_image],
+    )
+
+
+class DualEncoder(nn.Module):
+    """Image and text encoders with ITC projections, an ITM head on [ENC], and their momentum copies.
+
+    Subclasses register their queues under the official names and combine `itc` and `itm` into their losses.
+    """
+
+    def __init__(self, cfg: ModelConfig, tokens: SpecialTokens, momentum: float) -> None:
+        super().__init__()
+        self.tokens, self.momentum = tokens, momentum
+        self.visual_encoder = create_vit(cfg)
+        self.text_encoder = MED(cfg)
+        self.vision_proj = nn.Linear(cfg.vision_width, cfg.embed_dim)
+        self.text_proj = nn.Linear(cfg.text_width, cfg.embed_dim)
+        self.itm_head = nn.Linear(cfg.text_width, 2)
+        self.temp = nn.Parameter(torch.tensor(0.07))
+        self.visual_encoder_m = create_vit(cfg)
+        self.vision_proj_m = nn.Linear(cfg.vision_width, cfg.embed_dim)
+        self.text_encoder_m = MED(cfg)
+        self.text_proj_m = nn.Linear(cfg.text_width, cfg.embed_dim)
+        self.momentum_pairs = momentum_pairs(self, ["visual_encoder", "vision_proj", "text_encoder", "text_proj"])
+        copy_to_momentum(self.momentum_pairs)
+
+    def image_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(all image tokens, L2-normalised ITC feature)."""
+        embeds = self.visual_encoder(images)
+        return embeds, F.normalize(self.vision_proj(embeds[:, 0]), dim=-1)
+
+    def text_features(self, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.text_proj(self.text_encoder(text_ids, text_mask)[:, 0]), dim=-1)
+
+    def itm_logits(self, image_embeds: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """ITM logits [N, 2] (column 1 = match) for paired rows; [ENC] replaces the leading [CLS]."""
+        ids = text_ids.clone()
+        ids[:, 0] = self.tokens.enc
+        return self.itm_head(self.text_encoder(ids, text_mask, image_embeds)[:, 0])
+
+    @torch.no_grad()
+    def score_pairs(
+        self, images: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """For each (image, text) row: ITM match probability and ITC cosine similarity."""
+        embeds, image_feat = self.image_features(images)
+        probability = self.itm_logits(embeds, text_ids, text_mask).softmax(-1)[:, 1]
+        similarity = (image_feat * self.text_features(text_ids, text_mask)).sum(-1)
+        return probability, similarity
+
+    def itc(
+        self,
+        images: torch.Tensor,
+        image_feat: torch.Tensor,
+        text_feat: torch.Tensor,
+        text_ids: torch.Tensor,
+        text_mask: torch.Tensor,
+        queues: tuple[torch.Tensor, torch.Tensor],
+        positives: torch.Tensor,
+        alpha: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ITC loss against momentum features + queues, with distilled targets.
+
+        `positives` [B, B + queue] marks the positive columns. Returns (loss, image->text similarities, and the
+        momentum features to enqueue).
+        """
+        with torch.no_grad():
+            self.temp.clamp_(0.001, 0.5)
+            momentum_update(self.momentum_pairs, self.momentum)
+            image_feat_m = F.normalize(self.vision_proj_m(self.visual_encoder_m(images)[:, 0]), dim=-1)
+            text_feat_m = F.normalize(self.text_proj_m(self.text_encoder_m(text_ids, text_mask)[:, 0]), dim=-1)
+            image_feat_all = torch.cat([image_feat_m.T, queues[0].clone()], dim=1)
+            text_feat_all = torch.cat([text_feat_m.T, queues[1].clone()], dim=1)
+            i2t_targets = distilled_targets(image_feat_m @ text_feat_all / self.temp, positives, alpha)
+            t2i_targets = distilled_targets(text_feat_m @ image_feat_all / self.temp, positives, alpha)
+        sim_i2t = image_feat @ text_feat_all / self.temp
+        sim_t2i = text_feat @ image_feat_all / self.temp
+        loss = (itc_loss(sim_i2t, i2t_targets) + itc_loss(sim_t2i, t2i_targets)) / 2
+        return loss, sim_i2t, image_feat_m, text_feat_m
+
+    def itm(
+        self,
+        image_embeds: torch.Tensor,
+        image_feat: torch.Tensor,
+        text_feat: torch.Tensor,
+        text_ids: torch.Tensor,
+        text_mask: torch.Tensor,
+        image_ids: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """ITM cross-entropy over B positives, B (negative image, text) and B (image, negative text) pairs."""
+        with torch.no_grad():
+            sim_i2t = image_feat @ gather_no_grad(text_feat).T / self.temp
+            sim_t2i = text_feat @ gather_no_grad(image_feat).T / self.temp
+        neg_images, neg_ids, neg_mask = sample_negatives(sim_i2t, sim_t2i, image_embeds, text_ids, text_mask, image_ids)
+        ids = torch.cat([text_ids, text_ids, neg_ids])
+        mask = torch.cat([text_mask, text_mask, neg_mask])
+        images = torch.cat([image_embeds, neg_images, image_embeds])
+        logits = self.itm_logits(images, ids, mask)
+        batch = image_embeds.shape[0]
+        labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long().to(logits.device)
+        return F.cross_entropy(logits, labels)

@@ -1,0 +1,146 @@
+"""Decoding for the image-grounded decoder: greedy, beam search and nucleus sampling, with a KV cache.
+
+Semantics follow `transformers`' `generate` (which BLIP itself calls), so the same weights give the same
+captions: `max_length` and `min_length` count the prompt; below `min_length` the end token is banned; the
+repetition penalty divides positive and multiplies negative scores of tokens already in the sequence; beam search
+keeps 2 x beams candidates per step, scores a finished hypothesis by sum(log p) / generated_length ** length_penalty,
+and stops once no running beam can beat the worst of the `beams` finished ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# step(new_token_ids [N, l], attention_mask [N, past + l]) -> next-token logits [N, vocab]; the caller owns the
+# KV cache and reorders it through `reorder(index)`.
+Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Reorder = Callable[[torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    method: str = "beam"  # "beam" | "greedy" | "nucleus"
+    num_beams: int = 3
+    max_length: int = 20  # prompt included, as in transformers / BLIP
+    min_length: int = 5
+    top_p: float = 0.9
+    repetition_penalty: float = 1.0
+    length_penalty: float = 1.0
+
+
+def _process(scores: torch.Tensor, seqs: torch.Tensor, cfg: GenerationConfig, eos: int) -> torch.Tensor:
+    if cfg.repetition_penalty != 1.0:
+        seen = scores.gather(1, seqs)
+        seen = torch.where(seen < 0, seen * cfg.repetition_penalty, seen / cfg.repetition_penalty)
+        scores = scores.scatter(1, seqs, seen)
+    if seqs.shape[1] < cfg.min_length:
+        scores = scores.clone()
+        scores[:, eos] = -float("inf")
+    return scores
+
+
+def _strip(seqs: torch.Tensor, prompt_length: int, eos: int) -> list[list[int]]:
+    out = []
+    for row in seqs[:, prompt_length:].tolist():
+        out.append(row[: row.index(eos)] if eos in row else row)
+    return out
+
+
+@torch.no_grad()
+def greedy_or_sample(
+    step: Step, prompt: torch.Tensor, cfg: GenerationConfig, eos: int, pad: int,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:  # fmt: skip
+    """Greedy decoding, or nucleus sampling (top-p) when `cfg.method == "nucleus"`."""
+    seqs = prompt
+    done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
+    logits = step(prompt, torch.ones_like(prompt))
+    while seqs.shape[1] < cfg.max_length:
+        scores = _process(logits, seqs, cfg, eos)
+        if cfg.method == "nucleus":
+            probs = F.softmax(_top_p(scores, cfg.top_p), dim=-1)
+            token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        else:
+            token = scores.argmax(-1)
+        token = torch.where(done, torch.full_like(token, pad), token)
+        seqs = torch.cat([seqs, token[:, None]], dim=1)
+        done |= token == eos
+        if done.all():
+            break
+        logits = step(token[:, None], torch.ones_like(seqs))
+    return _strip(seqs, prompt.shape[1], eos)
+
+
+def _top_p(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of tokens whose probability reaches `top_p` (at least one token)."""
+    ordered, order = scores.sort(dim=-1)
+    cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
+    remove = cumulative <= 1 - top_p
+    remove[:, -1] = False
+    return scores.masked_fill(remove.scatter(1, order, remove), -float("inf"))
+
+
+@torch.no_grad()
+def beam_search(
+    step: Step, reorder: Reorder, prompt: torch.Tensor, cfg: GenerationConfig, eos: int, pad: int
+) -> list[list[int]]:
+    """`prompt` is [B, P]; the caller's step/cache hold B * num_beams rows, beam-major within each image."""
+    batch, prompt_length = prompt.shape
+    beams, device = cfg.num_beams, prompt.device
+    keep = 2 * beams
+    running = prompt.repeat_interleave(beams, dim=0).view(batch, beams, prompt_length)
+    running_scores = torch.zeros(batch, beams, device=device)
+    running_scores[:, 1:] = -1e9  # all beams start identical: only the first may expand at step one
+    finished = torch.full((batch, beams, cfg.max_length), pad, dtype=torch.long, device=device)
+    finished_scores = torch.full((batch, beams), -1e9, device=device)
+    finished_done = torch.zeros(batch, beams, dtype=torch.bool, device=device)
+    may_improve = torch.ones(batch, 1, dtype=torch.bool, device=device)
+    top_ranks = torch.arange(keep, device=device) < beams
+    offsets = torch.arange(batch, device=device)[:, None] * beams
+
+    flat = running.view(batch * beams, -1)
+    logits = step(flat, torch.ones_like(flat))
+    length = prompt_length
+    while True:
+        log_probs = _process(F.log_softmax(logits.float(), dim=-1), flat, cfg, eos)
+        vocab = log_probs.shape[-1]
+        total = (log_probs.view(batch, beams, vocab) + running_scores[:, :, None]).view(batch, -1)
+        top_scores, top_index = total.topk(keep, dim=1)
+        parent = top_index // vocab
+        candidates = torch.cat([running.gather(1, parent[:, :, None].expand(-1, -1, length)),
+                                (top_index % vocab)[:, :, None]], dim=2)  # fmt: skip
+        hits = (candidates[:, :, -1] == eos) | (length + 1 >= cfg.max_length)
+
+        # Continue with the best candidates that have not just finished.
+        running_candidates = top_scores + hits.float() * -1e9
+        chosen = running_candidates.topk(beams, dim=1).indices
+        running = candidates.gather(1, chosen[:, :, None].expand(-1, -1, length + 1))
+        running_scores = running_candidates.gather(1, chosen)
+        reorder((parent.gather(1, chosen) + offsets).view(-1))
+
+        # Candidates among the top `beams` ranks that just finished compete for the finished slots.
+        just_finished = hits & top_ranks[None, :]
+        scores = top_scores / ((length + 1 - prompt_length) ** cfg.length_penalty)
+        scores = scores + (~may_improve).float() * -1e9 + (~just_finished).float() * -1e9
+        padded = F.pad(candidates, (0, cfg.max_length - length - 1), value=pad)
+        merged = torch.cat([finished, padded], dim=1)
+        merged_scores = torch.cat([finished_scores, scores], dim=1)
+        merged_done = torch.cat([finished_done, just_finished], dim=1)
+        best = merged_scores.topk(beams, dim=1).indices
+        finished = merged.gather(1, best[:, :, None].expand(-1, -1, cfg.max_length))
+        finished_scores = merged_scores.gather(1, best)
+        finished_done = merged_done.gather(1, best)
+
+        length += 1
+        best_running = running_scores[:, :1] / ((length - prompt_length) ** cfg.length_penalty)
+        worst_finished = torch.where(finished_done, finished_scores.min(1, keepdim=True).values, -1e9)
+        may_improve &= (best_running > worst_finished).any(dim=-1, keepdim=True)
+        if not may_improve.any() or hits.all():
+            break
+        flat = running.view(batch * beams, -1)
+        logits = step(flat[:, -1:], torch.ones_like(flat))
+    return _strip(finished[:, 0], prompt_length, eos)

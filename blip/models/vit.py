@@ -1,0 +1,97 @@
+"""The image encoder: a timm VisionTransformer (patch 16, qkv bias, LayerNorm eps 1e-6) returning all tokens.
+
+Its parameter names are exactly those of BLIP's `visual_encoder` (`cls_token`, `pos_embed`, `patch_embed.proj`,
+`blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}`, `norm`), so official checkpoints load unchanged.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import torch
+from timm.layers import resample_abs_pos_embed
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from blip.config.schema import ModelConfig
+
+
+class ViT(VisionTransformer):
+    """timm's ViT whose forward returns every token ([CLS] first), with checkpointing of the last N blocks."""
+
+    def __init__(self, image_size: int, patch_size: int, width: int, depth: int, heads: int, drop_path: float,
+                 grad_ckpt_layers: int = 0) -> None:  # fmt: skip
+        super().__init__(
+            img_size=image_size,
+            patch_size=patch_size,
+            embed_dim=width,
+            depth=depth,
+            num_heads=heads,
+            mlp_ratio=4.0,
+            qkv_bias=True,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            drop_path_rate=drop_path,
+            num_classes=0,
+        )
+        self.grad_ckpt_layers = grad_ckpt_layers
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(images))))
+        # BLIP checkpoints only the last N blocks: recompute costs time, so it is spent only where memory is short.
+        first_checkpointed = len(self.blocks) - self.grad_ckpt_layers if self.training else len(self.blocks)
+        for index, block in enumerate(self.blocks):
+            x = checkpoint(block, x, use_reentrant=False) if index >= first_checkpointed else block(x)
+        return self.norm(x)
+
+
+def create_vit(cfg: ModelConfig) -> ViT:
+    return ViT(
+        cfg.image_size,
+        cfg.patch_size,
+        cfg.vision_width,
+        cfg.vision_depth,
+        cfg.vision_heads,
+        cfg.drop_path,
+        cfg.grad_ckpt_layers,
+    )
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """Bicubic resize of a [1, 1 + n, D] position embedding to `num_patches` patches (BLIP: no antialiasing)."""
+    old = pos_embed.shape[1] - 1
+    if old == num_patches:
+        return pos_embed
+    old_side, new_side = round(old**0.5), round(num_patches**0.5)
+    if old_side**2 != old or new_side**2 != num_patches:
+        raise ValueError(f"position embeddings must form a square grid: {old} -> {num_patches} patches")
+    return resample_abs_pos_embed(
+        pos_embed, [new_side, new_side], [old_side, old_side], num_prefix_tokens=1, antialias=False
+    )
+
+
+def load_vit_weights(vit: ViT, source: str) -> None:
+    """Initialise from a weights file (.safetensors / .pth / .bin) or a timm model name in the local cache."""
+    path = Path(source)
+    if path.is_file():
+        from blip.models.checkpoint import read_state_dict
+
+        state = read_state_dict(path)
+    else:
+        import timm
+
+        try:
+            state = timm.create_model(source, pretrained=True, num_classes=0).state_dict()
+        except Exception as exc:  # timm raises many kinds (hub, HTTP, RuntimeError) when weights are unavailable
+            raise RuntimeError(
+                f"model.vit_init={source!r}: could not load timm weights ({type(exc).__name__}: {exc}). Offline, "
+                "download the weights elsewhere and set model.vit_init to the file (.safetensors or .pth)."
+            ) from exc
+    state = {k.removeprefix("visual_encoder."): v for k, v in state.items()}
+    if "pos_embed" in state:
+        state["pos_embed"] = resize_pos_embed(state["pos_embed"], vit.patch_embed.num_patches)
+    # strict=False: classifier heads and the like in the file are not part of the image encoder.
+    missing, _ = vit.load_state_dict(state, strict=False)
+    if missing:
+        raise ValueError(f"model.vit_init={source!r}: weights lack {len(missing)} ViT keys, e.g. {missing[:3]}")
