@@ -1,0 +1,94 @@
+"""Reading weights safely, and loading official-BLIP-layout state dicts into our models.
+
+Files are read with `torch.load(weights_only=True)` or safetensors: a file that needs arbitrary unpickling
+(and so could run code) is refused. Official files (`{'model': state_dict, ...}` or a bare state dict) load by
+name: our models use BLIP's parameter names. Position embeddings are resized bicubically to the model's image
+size; keys of parts the model does not have (a pretraining checkpoint's decoder in a retrieval model, say) are
+dropped and reported; a missing or mis-shaped key of a part the model has is an error.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from blip.models.vit import resize_pos_embed
+
+POS_EMBED_KEYS = ("visual_encoder.pos_embed", "visual_encoder_m.pos_embed")
+# Tied or derived entries: never required from a file.
+DERIVED = ("text_decoder.cls.predictions.decoder.weight", "text_decoder.cls.predictions.decoder.bias")
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """The file holds pickled Python objects beyond tensors; loading it could execute code."""
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UnsafeCheckpointError(
+            f"{path}: refused to load: it contains pickled Python objects that are not tensors, and unpickling "
+            f"them could run code. Convert it where you trust it (e.g. save only the state dict, or safetensors). "
+            f"Detail: {str(exc).splitlines()[0]}"
+        ) from None
+    for key in ("model", "state_dict"):
+        if isinstance(data, dict) and isinstance(data.get(key), dict):
+            data = data[key]
+            break
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise ValueError(f"{path}: expected a state dict (or {{'model': state_dict}}) of tensors")
+    return data
+
+
+@dataclass
+class LoadReport:
+    dropped: list[str] = field(default_factory=list)  # in the file, not in this model (other parts)
+    initialised: list[str] = field(default_factory=list)  # not in the file, left as built (momentum copies, queues)
+    resized: list[str] = field(default_factory=list)  # position embeddings interpolated
+
+
+def _component(key: str) -> str:
+    return key.split(".")[0]
+
+
+def load_official(model: nn.Module, state: dict[str, torch.Tensor]) -> LoadReport:
+    """Load an official-layout state dict by name; see the module docstring for what is dropped or refused."""
+    own = model.state_dict()
+    report = LoadReport()
+    state = dict(state)
+    for key in POS_EMBED_KEYS:
+        if key in state and key in own and state[key].shape != own[key].shape:
+            state[key] = resize_pos_embed(state[key], own[key].shape[1] - 1)
+            report.resized.append(key)
+    own_components = {_component(k) for k in own}
+    unexpected = [k for k in state if k not in own and _component(k) in own_components]
+    if unexpected:
+        raise KeyError(f"keys of this model's parts that it does not have (another architecture?): {unexpected[:5]}")
+    report.dropped = sorted(k for k in state if _component(k) not in own_components)
+    for key, value in state.items():
+        if key in own and value.shape != own[key].shape:
+            raise ValueError(f"{key}: shape {tuple(value.shape)} in the file, {tuple(own[key].shape)} in the model")
+    missing = [k for k in own if k not in state and k not in DERIVED]
+    # Momentum copies and queues are rebuilt from the online weights when a file lacks them (fine-tuned files).
+    optional = [k for k in missing if _component(k).endswith("_m") or "queue" in k or k == "temp"]
+    required = [k for k in missing if k not in optional]
+    if required:
+        raise KeyError(f"the file lacks {len(required)} of this model's weights, e.g. {required[:5]}")
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    report.initialised = optional
+    if any(_component(k).endswith("_m") for k in optional) and hasattr(model, "momentum_pairs"):
+        from blip.models.contrastive import copy_to_momentum
+
+        copy_to_momentum(model.momentum_pairs)
+    return report
