@@ -10,6 +10,7 @@ dropped and reported; a missing or mis-shaped key of a part the model has is an 
 from __future__ import annotations
 
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,7 +67,8 @@ def load_official(model: nn.Module, state: dict[str, torch.Tensor]) -> LoadRepor
     """Load an official-layout state dict by name; see the module docstring for what is dropped or refused."""
     own = model.state_dict()
     report = LoadReport()
-    state = dict(state)
+    adapt = getattr(model, "adapt_official", None)  # e.g. NLVR2: one pretrained cross-attention -> two
+    state = adapt(state) if adapt else dict(state)
     for key in POS_EMBED_KEYS:
         if key in state and key in own and state[key].shape != own[key].shape:
             state[key] = resize_pos_embed(state[key], own[key].shape[1] - 1)
@@ -80,8 +82,10 @@ def load_official(model: nn.Module, state: dict[str, torch.Tensor]) -> LoadRepor
         if key in own and value.shape != own[key].shape:
             raise ValueError(f"{key}: shape {tuple(value.shape)} in the file, {tuple(own[key].shape)} in the model")
     missing = [k for k in own if k not in state and k not in DERIVED]
-    # Momentum copies and queues are rebuilt from the online weights when a file lacks them (fine-tuned files).
-    optional = [k for k in missing if _component(k).endswith("_m") or "queue" in k or k == "temp"]
+    # Momentum copies are rebuilt from the online weights and queues start fresh when a file lacks them (a
+    # fine-tuned file), as do the task heads a model declares in FRESH_PARAMETERS (a pretrained file).
+    fresh = re.compile("|".join(getattr(model, "FRESH_PARAMETERS", ())) or "$^")  # task heads a file may lack
+    optional = [k for k in missing if _component(k).endswith("_m") or "queue" in k or k == "temp" or fresh.search(k)]
     required = [k for k in missing if k not in optional]
     if required:
         raise KeyError(f"the file lacks {len(required)} of this model's weights, e.g. {required[:5]}")

@@ -120,6 +120,21 @@ class Layer(nn.Module):
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
 
+    def self_attend(
+        self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None, index: int
+    ) -> torch.Tensor:
+        attn = self.attention.self
+        kv = attn.project_kv(x)
+        if cache is not None:
+            past = cache.self_kv[index]
+            if past is not None:
+                kv = (torch.cat([past[0], kv[0]], dim=2), torch.cat([past[1], kv[1]], dim=2))
+            cache.self_kv[index] = kv
+        return self.attention.output(attn(x, mask, kv), x)
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output(self.intermediate(x), x)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -129,14 +144,7 @@ class Layer(nn.Module):
         cache: KVCache | None,
         index: int,
     ) -> torch.Tensor:
-        attn = self.attention.self
-        kv = attn.project_kv(x)
-        if cache is not None:
-            past = cache.self_kv[index]
-            if past is not None:
-                kv = (torch.cat([past[0], kv[0]], dim=2), torch.cat([past[1], kv[1]], dim=2))
-            cache.self_kv[index] = kv
-        x = self.attention.output(attn(x, mask, kv), x)
+        x = self.self_attend(x, mask, cache, index)
         if image_embeds is not None:
             cross = self.crossattention.self
             kv = cache.cross_kv[index] if cache is not None else None
@@ -145,7 +153,7 @@ class Layer(nn.Module):
                 if cache is not None:
                     cache.cross_kv[index] = kv
             x = self.crossattention.output(cross(x, image_mask, kv), x)
-        return self.output(self.intermediate(x), x)
+        return self.feed_forward(x)
 
 
 class Encoder(nn.Module):
@@ -155,7 +163,7 @@ class Encoder(nn.Module):
         self.layer = nn.ModuleList(layers)
 
 
-def _key_mask(mask: torch.Tensor) -> torch.Tensor:
+def key_mask(mask: torch.Tensor) -> torch.Tensor:
     """[B, Lk] of 1 (attend) / 0 (padding) -> boolean [B, 1, 1, Lk] for SDPA."""
     return mask.bool()[:, None, None, :]
 
@@ -197,12 +205,12 @@ class MED(nn.Module):
             cache.cross_kv = [None] * len(layers)
         past = cache.length() if cache is not None else 0
         length = input_ids.shape[1]
-        mask = _key_mask(attention_mask)
+        mask = key_mask(attention_mask)
         if causal:
             rows = torch.arange(past, past + length, device=input_ids.device)[:, None]
             mask = mask & (torch.arange(past + length, device=input_ids.device)[None, :] <= rows)
         # No image mask (every image token valid) lets SDPA pick its fastest kernel.
-        image_mask_4d = None if image_mask is None else _key_mask(image_mask)
+        image_mask_4d = None if image_mask is None else key_mask(image_mask)
         x = self.embeddings(input_ids, past)
         for index, layer in enumerate(layers):
             x = layer(x, mask, image_embeds, image_mask_4d, cache, index)

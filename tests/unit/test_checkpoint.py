@@ -76,7 +76,9 @@ def test_official_file_loads_into_each_model(tmp_path: Path, wrap: bool) -> None
     assert dropped_parts == {"text_encoder", "text_encoder_m", "visual_encoder_m", "vision_proj", "vision_proj_m",
                              "text_proj", "text_proj_m", "itm_head", "temp", "image_queue", "text_queue",
                              "queue_ptr"}  # fmt: skip
-    assert torch.equal(captioner.visual_encoder.blocks[0].mlp.fc1.weight, state["visual_encoder.blocks.0.mlp.fc1.weight"])
+    assert torch.equal(
+        captioner.visual_encoder.blocks[0].mlp.fc1.weight, state["visual_encoder.blocks.0.mlp.fc1.weight"]
+    )
 
     retrieval = BlipRetrieval(CFG, T, queue_size=32)
     report = load_official(retrieval, loaded)
