@@ -8,10 +8,14 @@ from collections.abc import Sequence
 
 from blip.config import ConfigError
 
-# command -> module with `main(argv) -> int`; imported lazily so `blip ingest` never loads torch it does not need.
+# command -> "module[:function]" taking argv, returning an exit code; imported lazily, so that
+# `blip ingest` never loads torch.
 COMMANDS = {
     "ingest": ("blip.stages.ingest", "synthetic world / annotation files -> webdataset shards"),
     "config": ("blip.stages.show_config", "print the validated configuration"),
+    "caption": ("blip.commands:caption_main", "caption images with trained or official weights"),
+    "itm": ("blip.commands:itm_main", "ITM probability and ITC similarity of texts with an image"),
+    "export-hf": ("blip.commands:export_hf_main", "export weights as a transformers BLIP folder"),
 }
 
 
@@ -21,9 +25,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         lines = [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
         print("usage: blip <command> [options]\n\ncommands:\n" + "\n".join(lines), file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    module = importlib.import_module(COMMANDS[argv[0]][0])
+    module_name, _, function = COMMANDS[argv[0]][0].partition(":")
+    entry = getattr(importlib.import_module(module_name), function or "main")
     try:
-        return module.main(argv[1:])
+        return entry(argv[1:])
     except ConfigError as exc:
         print(f"blip {argv[0]}: {exc}", file=sys.stderr)
         return 2

@@ -9,20 +9,22 @@ dropped and reported; a missing or mis-shaped key of a part the model has is an 
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_model
 from torch import nn
 
+from blip.config.schema import ModelConfig
 from blip.models.vit import resize_pos_embed
 
 POS_EMBED_KEYS = ("visual_encoder.pos_embed", "visual_encoder_m.pos_embed")
-# Tied or derived entries: never required from a file.
-DERIVED = ("text_decoder.cls.predictions.decoder.weight", "text_decoder.cls.predictions.decoder.bias")
+CONFIG_METADATA = "blip.model_config"
 
 
 class UnsafeCheckpointError(RuntimeError):
@@ -81,7 +83,10 @@ def load_official(model: nn.Module, state: dict[str, torch.Tensor]) -> LoadRepor
     for key, value in state.items():
         if key in own and value.shape != own[key].shape:
             raise ValueError(f"{key}: shape {tuple(value.shape)} in the file, {tuple(own[key].shape)} in the model")
-    missing = [k for k in own if k not in state and k not in DERIVED]
+    # A tied weight (the LM head, the decoder's shared layers) is satisfied by any one of its names.
+    tensors = model.state_dict(keep_vars=True)
+    loaded = {id(t) for k, t in tensors.items() if k in state}
+    missing = [k for k, t in tensors.items() if k not in state and id(t) not in loaded]
     # Momentum copies are rebuilt from the online weights and queues start fresh when a file lacks them (a
     # fine-tuned file), as do the task heads a model declares in FRESH_PARAMETERS (a pretrained file).
     fresh = re.compile("|".join(getattr(model, "FRESH_PARAMETERS", ())) or "$^")  # task heads a file may lack
@@ -96,3 +101,21 @@ def load_official(model: nn.Module, state: dict[str, torch.Tensor]) -> LoadRepor
 
         copy_to_momentum(model.momentum_pairs)
     return report
+
+
+def save_weights(model: nn.Module, cfg: ModelConfig, path: Path) -> Path:
+    """Model weights as safetensors (tied tensors stored once), with the model config in the metadata; atomic."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    save_model(model, str(partial), metadata={CONFIG_METADATA: cfg.model_dump_json()})
+    os.replace(partial, path)
+    return path
+
+
+def stored_config(path: Path) -> ModelConfig | None:
+    """The model config saved with our weights (None for files from elsewhere)."""
+    if path.suffix != ".safetensors":
+        return None
+    with safe_open(str(path), framework="pt") as handle:
+        raw = (handle.metadata() or {}).get(CONFIG_METADATA)
+    return ModelConfig.model_validate_json(raw) if raw else None

@@ -1,0 +1,89 @@
+"""Building a model for a task from the validated config, with optional ViT / BERT starting weights.
+
+A small registry, as in timm: task name -> class. `model.vit_init` (timm name or file) initialises the image
+encoder; `model.bert_init` (a BERT folder or hub name) the text side: embeddings, self-attention and FFN load,
+cross-attention starts fresh, since BERT has none (its key/value width is the vision width).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from transformers import BertModel, PreTrainedTokenizer
+
+from blip.config.schema import ModelConfig
+from blip.data.tokenizer import SpecialTokens
+from blip.models.caption import PROMPT, BlipCaptioner
+from blip.models.contrastive import copy_to_momentum
+from blip.models.med import MED
+from blip.models.nlvr import BlipNLVR, NlvrEncoder
+from blip.models.pretrain import BlipPretrain
+from blip.models.retrieval import BlipRetrieval
+from blip.models.vit import load_vit_weights
+from blip.models.vqa import BlipVQA
+
+TASKS = ("pretrain", "retrieval", "caption", "vqa", "nlvr")
+
+
+def build_model(
+    task: str,
+    cfg: ModelConfig,
+    tokenizer: PreTrainedTokenizer,
+    queue_size: int = 57600,
+    momentum: float = 0.995,
+    label_smoothing: float = 0.1,
+) -> nn.Module:
+    if len(tokenizer) != cfg.vocab_size:
+        raise ValueError(f"model.vocab_size {cfg.vocab_size} != tokenizer size {len(tokenizer)} ([DEC], [ENC] added)")
+    tokens = SpecialTokens.of(tokenizer)
+    if task == "pretrain":
+        model: nn.Module = BlipPretrain(cfg, tokens, queue_size, momentum, label_smoothing)
+    elif task == "retrieval":
+        model = BlipRetrieval(cfg, tokens, queue_size, momentum)
+    elif task == "caption":
+        model = BlipCaptioner(cfg, tokens, tokenizer(PROMPT.strip(), add_special_tokens=False).input_ids,
+                              label_smoothing)  # fmt: skip
+    elif task == "vqa":
+        model = BlipVQA(cfg, tokens, label_smoothing)
+    elif task == "nlvr":
+        model = BlipNLVR(cfg, tokens)
+    else:
+        raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
+    if cfg.vit_init:
+        load_vit_weights(model.visual_encoder, cfg.vit_init)
+    if cfg.bert_init:
+        bert = read_bert(cfg.bert_init)
+        for name, module in model.named_modules():
+            if isinstance(module, MED | NlvrEncoder) and not name.split(".")[0].endswith("_m"):
+                load_bert_weights(module, bert, cfg.bert_init)
+    if hasattr(model, "momentum_pairs"):
+        copy_to_momentum(model.momentum_pairs)
+    return model
+
+
+def read_bert(source: str) -> BertModel:
+    try:
+        return BertModel.from_pretrained(source, add_pooling_layer=False)
+    except OSError as exc:
+        raise OSError(f"model.bert_init={source!r}: not a BERT folder or cached hub model ({exc})") from exc
+
+
+def load_bert_weights(med: MED | NlvrEncoder, bert: BertModel, source: str) -> None:
+    """BERT's embeddings, self-attention and FFN into a MED; token-type embeddings and pooler are not used."""
+    if bert.config.hidden_size != med.config.hidden_size or bert.config.num_hidden_layers < len(med.encoder.layer):
+        raise ValueError(
+            f"model.bert_init={source!r}: BERT is {bert.config.num_hidden_layers} x {bert.config.hidden_size}, "
+            f"the text side is {len(med.encoder.layer)} x {med.config.hidden_size} (set text_width/text_depth)"
+        )
+    own = med.state_dict()
+    loaded = {}
+    for key, value in bert.state_dict().items():
+        if key not in own:
+            continue  # token_type_embeddings, position_ids, deeper layers than ours
+        if key == "embeddings.word_embeddings.weight":  # BERT's 30,522 rows; [DEC] and [ENC] keep their init
+            merged = own[key].clone()
+            merged[: value.shape[0]] = value
+            value = merged
+        elif key == "embeddings.position_embeddings.weight":
+            value = value[: own[key].shape[0]]
+        loaded[key] = value
+    med.load_state_dict(loaded, strict=False)
