@@ -89,6 +89,13 @@ def enqueue(queues: list[torch.Tensor], pointer: torch.Tensor, batches: list[tor
     pointer[0] = (ptr + size) % queues[0].shape[1]
 
 
+def ramped_alpha(alpha: float, step: int, steps_per_epoch: int, ramp_epochs: float) -> float:
+    """BLIP's distillation weight: linear from 0 to `alpha` over the first `ramp_epochs` (2 pretrain, 1 fine-tune)."""
+    if ramp_epochs <= 0:
+        return alpha
+    return alpha * min(1.0, step / (ramp_epochs * steps_per_epoch))
+
+
 def itc_loss(sim: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return -(F.log_softmax(sim, dim=1) * targets).sum(1).mean()
 

@@ -129,3 +129,28 @@ def test_queue_must_divide_by_the_global_batch() -> None:
     for step in range(3):
         C.enqueue([queue], pointer, [torch.full((4, 2), float(step + 1))])
     assert queue[0].tolist() == [3, 3, 3, 3, 2, 2, 2, 2] and int(pointer) == 4
+
+
+def test_alpha_ramps_linearly_over_the_first_epochs() -> None:
+    assert C.ramped_alpha(0.4, 0, 100, 2) == 0.0
+    assert C.ramped_alpha(0.4, 50, 100, 2) == pytest.approx(0.1)
+    assert C.ramped_alpha(0.4, 200, 100, 2) == pytest.approx(0.4)
+    assert C.ramped_alpha(0.4, 10_000, 100, 1) == pytest.approx(0.4)
+    assert C.ramped_alpha(0.4, 0, 100, 0) == 0.4
+
+
+def test_kv_cache_decoding_equals_the_full_forward() -> None:
+    from blip.models.med import KVCache, TextDecoder
+
+    torch.manual_seed(0)
+    decoder = TextDecoder(CFG).eval()
+    image = torch.randn(2, 5, CFG.vision_width)
+    ids = torch.tensor([[T.bos, 1037, 2417, 4418, 2006], [T.bos, 2048, 5741, 1999, 1996]])
+    full = decoder(ids, torch.ones_like(ids), image)
+    cache = KVCache()
+    steps = [decoder(ids[:, :2], torch.ones_like(ids[:, :2]), image, cache=cache)]
+    for t in range(2, ids.shape[1]):
+        steps.append(decoder(ids[:, t : t + 1], torch.ones_like(ids[:, : t + 1]), image, cache=cache))
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+    cache.select(torch.tensor([1, 1]))  # beam reordering: both rows now continue the second sequence
+    assert torch.equal(cache.self_kv[0][0][0], cache.self_kv[0][0][1])
