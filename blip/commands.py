@@ -36,13 +36,13 @@ def _load(task: str, args: argparse.Namespace) -> tuple[nn.Module, ModelConfig, 
     """(model holding the file's weights, its config, the tokenizer)."""
     params = load_params(args.params, args.overrides)
     state = read_state_dict(args.weights)
-    cfg = stored_config(args.weights) or params.model
+    cfg, tokenizer_name = stored_config(args.weights) or (params.model, params.tokenizer.name)
     cfg = cfg.model_copy(update={"vit_init": None, "bert_init": None})  # the file holds every weight
-    tokenizer = load_tokenizer(params.tokenizer.name)
+    tokenizer = load_tokenizer(tokenizer_name)
     queue = state["image_queue"].shape[1] if "image_queue" in state else 256
     model = build_model(task, cfg, tokenizer, queue_size=queue)
     load_official(model, state)
-    return model.eval(), cfg, tokenizer
+    return model.eval(), model.model_config, tokenizer
 
 
 def _images(paths: list[Path], cfg: ModelConfig) -> torch.Tensor:

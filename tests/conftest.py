@@ -8,12 +8,23 @@ from pathlib import Path
 import pytest
 import yaml
 
+from blip.config import load_params
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _tiny_bert():
+
+    # The committed tiny model with BERT's vocabulary (30,524 with [DEC] and [ENC]), as the BERT-id tests need.
+    return load_params(REPO / "params.yaml").model.model_copy(update={"vocab_size": 30524})
+
+
+TINY_BERT = _tiny_bert()
 
 # A world small enough for unit tests: every split present, a few hundred items.
 SMALL_WORLD = {

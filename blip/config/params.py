@@ -28,6 +28,7 @@ from blip.config.schema import (
     ModelConfig,
     PretrainConfig,
     TokenizerConfig,
+    VocabConfig,
     WorldConfig,
 )
 
@@ -48,6 +49,7 @@ class Params(BaseSettings):
     world: WorldConfig = WorldConfig()
     ingest: IngestConfig
     data: DataConfig = DataConfig()
+    vocab: VocabConfig = VocabConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
     model: ModelConfig = ModelConfig()
     pretrain: PretrainConfig = PretrainConfig()

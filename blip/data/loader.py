@@ -4,6 +4,13 @@ Training streams resample shards forever (each rank and worker with its own dete
 streams read every sample exactly once, shards split by rank, then by data-loader worker. A corrupt sample
 (bad image bytes, bad json) is skipped and counted: each batch carries `skipped`, the number of samples
 dropped since the previous batch, so the count survives worker processes.
+
+Training streams are exactly resumable. Each worker's stream is a deterministic function of (seed, rank, worker);
+every sample gets its own random state (caption choice, augmentation) from its index in that stream; each batch
+reports the worker it came from and how far that worker's stream has been read. A `DataPosition` saved with a
+checkpoint lets a new loader skip what was consumed (without decoding it) and continue with the same batches,
+even when the number of consumed batches is not a multiple of the number of workers (workers are rotated so the
+data loader's round robin resumes at the right one).
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import json
 import logging
 import random
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -48,17 +56,22 @@ def _decode_one(sample: dict, kind: str, transform: Transform, train: bool, rng:
     return out
 
 
-def decode_samples(src: Iterable[dict], kind: str, transform: Transform, train: bool, seed: int = 0) -> Iterator[dict]:
-    rng = random.Random(seed)
+def decode_samples(src: Iterable[dict], kind: str, transform: Transform, train: bool) -> Iterator[dict]:
     skipped = 0
     for sample in src:
+        seed = sample.get("__seed__", 0)
         try:
-            out = _decode_one(sample, kind, transform, train, rng)
+            # Each training sample draws its caption and augmentation from its own seed, so a resumed stream
+            # repeats them exactly; fork_rng keeps the global torch RNG (dropout, ...) untouched.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                out = _decode_one(sample, kind, transform, train, random.Random(seed))
         except (OSError, ValueError, KeyError, TypeError, IndexError, json.JSONDecodeError) as exc:
             skipped += 1
             log.warning("skipping corrupt sample %s: %s", sample.get("__key__"), exc)
             continue
         out["skipped"], skipped = skipped, 0
+        out["stream"] = sample.get("__stream__")
         yield out
     if skipped:  # corrupt samples at the very end of the stream are still counted
         yield {"skipped": skipped}
@@ -68,6 +81,8 @@ def collate(samples: list[dict]) -> dict:
     skipped = sum(s["skipped"] for s in samples)
     samples = [s for s in samples if "image" in s]
     batch: dict[str, Any] = {"skipped": skipped, "key": [s["key"] for s in samples]}
+    # (worker, samples of its stream read so far) after this batch: the resume position.
+    batch["stream"] = samples[-1]["stream"] if samples else None
     batch["record"] = [s["record"] for s in samples]
     batch["text"] = [s["text"] for s in samples]
     for name in ("image", "image2"):
@@ -93,6 +108,30 @@ def split_by_worker(src: Iterable) -> Iterator:
     return itertools.islice(src, worker, None, workers)
 
 
+@dataclass
+class DataPosition:
+    """How much of a training stream a run consumed: batches in total, raw samples read per (logical) worker."""
+
+    batches: int = 0
+    samples: dict[int, int] = field(default_factory=dict)
+
+    def advance(self, batch: dict) -> None:
+        self.batches += 1
+        if batch.get("stream") is not None:
+            worker, read = batch["stream"]
+            self.samples[worker] = read
+
+
+def _shuffle(src: Iterable[dict], buffer: int, rng: random.Random) -> Iterator[dict]:
+    pool: list[dict] = []
+    for sample in src:
+        pool.append(sample)
+        if len(pool) >= buffer:
+            yield pool.pop(rng.randrange(len(pool)))
+    rng.shuffle(pool)
+    yield from pool
+
+
 def train_pipeline(
     urls: list[str],
     kind: str,
@@ -102,21 +141,32 @@ def train_pipeline(
     seed: int = 0,
     rank: int = 0,
     shuffle_buffer: int = 1000,
+    resume: DataPosition | None = None,
 ) -> wds.DataPipeline:
     """Endless shuffled batches; full batches only, so every step sees `batch_size` samples."""
+    resume = resume or DataPosition()
+
+    def logical_worker() -> int:
+        worker, workers = _worker_id()
+        return (worker + resume.batches) % workers
 
     def worker_seed() -> int:
-        worker, _ = _worker_id()
-        return seed * 1_000_003 + rank * 1_009 + worker
+        return seed * 1_000_003 + rank * 1_009 + logical_worker()
 
-    def decode(src: Iterable[dict]) -> Iterator[dict]:
-        return decode_samples(src, kind, transform, train=True, seed=worker_seed())
+    def numbered(src: Iterable[dict]) -> Iterator[dict]:
+        worker, base = logical_worker(), worker_seed()
+        for index, sample in enumerate(_shuffle(src, shuffle_buffer, random.Random(base))):
+            if index < resume.samples.get(worker, 0):
+                continue  # consumed before the checkpoint: skipped without decoding
+            sample["__seed__"] = base * 7_919 + index
+            sample["__stream__"] = (worker, index + 1)
+            yield sample
 
     return wds.DataPipeline(
         wds.ResampledShards(urls, worker_seed=worker_seed, deterministic=True),
         wds.tarfile_to_samples(handler=wds.warn_and_continue),
-        wds.shuffle(shuffle_buffer, rng=random.Random(seed + rank)),
-        decode,
+        numbered,
+        partial(decode_samples, kind=kind, transform=transform, train=True),
         wds.batched(batch_size, collation_fn=collate, partial=False),
     )
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-import random
 
+import torch
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageEnhance, ImageOps
 from torchvision import transforms
@@ -29,12 +29,16 @@ class RandomAugment:
         "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate",
     )  # fmt: skip
 
-    def __init__(self, n: int, m: int, rng: random.Random | None = None) -> None:
+    def __init__(self, n: int, m: int, generator: torch.Generator | None = None) -> None:
         self.n, self.level = n, m / MAX_LEVEL
-        self.rng = rng or random.Random()
+        # torch's RNG (as torchvision's transforms): the data loader seeds it per sample for exact resume.
+        self.generator = generator
+
+    def _uniform(self) -> float:
+        return torch.rand((), generator=self.generator).item()
 
     def _signed(self, value: float) -> float:
-        return value if self.rng.random() < 0.5 else -value
+        return value if self._uniform() < 0.5 else -value
 
     def apply(self, name: str, image: Image.Image) -> Image.Image:
         level = self.level
@@ -58,9 +62,9 @@ class RandomAugment:
         return TF.rotate(image, self._signed(level * 30), fill=list(FILL))  # Rotate
 
     def __call__(self, image: Image.Image) -> Image.Image:
-        for name in self.rng.choices(self.OPS, k=self.n):
-            if self.rng.random() < 0.5:
-                image = self.apply(name, image)
+        for index in torch.randint(len(self.OPS), (self.n,), generator=self.generator).tolist():
+            if self._uniform() < 0.5:
+                image = self.apply(self.OPS[index], image)
         return image
 
 

@@ -25,6 +25,7 @@ from blip.models.vit import resize_pos_embed
 
 POS_EMBED_KEYS = ("visual_encoder.pos_embed", "visual_encoder_m.pos_embed")
 CONFIG_METADATA = "blip.model_config"
+TOKENIZER_METADATA = "blip.tokenizer"
 
 
 class UnsafeCheckpointError(RuntimeError):
@@ -103,19 +104,23 @@ def load_official(model: nn.Module, state: dict[str, torch.Tensor]) -> LoadRepor
     return report
 
 
-def save_weights(model: nn.Module, cfg: ModelConfig, path: Path) -> Path:
-    """Model weights as safetensors (tied tensors stored once), with the model config in the metadata; atomic."""
+def save_weights(model: nn.Module, path: Path, tokenizer: str) -> Path:
+    """Weights as safetensors (tied tensors stored once), atomically, with the model's config and the tokenizer
+    it was trained with in the metadata. `model.model_config` is set by `blip.models.factory.build_model`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    save_model(model, str(partial), metadata={CONFIG_METADATA: cfg.model_dump_json()})
+    metadata = {CONFIG_METADATA: model.model_config.model_dump_json(), TOKENIZER_METADATA: tokenizer}
+    save_model(model, str(partial), metadata=metadata)
     os.replace(partial, path)
     return path
 
 
-def stored_config(path: Path) -> ModelConfig | None:
-    """The model config saved with our weights (None for files from elsewhere)."""
+def stored_config(path: Path) -> tuple[ModelConfig, str] | None:
+    """(model config, tokenizer name) saved with our weights; None for files from elsewhere."""
     if path.suffix != ".safetensors":
         return None
     with safe_open(str(path), framework="pt") as handle:
-        raw = (handle.metadata() or {}).get(CONFIG_METADATA)
-    return ModelConfig.model_validate_json(raw) if raw else None
+        metadata = handle.metadata() or {}
+    if CONFIG_METADATA not in metadata:
+        return None
+    return ModelConfig.model_validate_json(metadata[CONFIG_METADATA]), metadata[TOKENIZER_METADATA]

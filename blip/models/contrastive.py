@@ -79,6 +79,8 @@ def momentum_update(pairs: list[tuple[nn.Module, nn.Module]], momentum: float) -
 @torch.no_grad()
 def enqueue(queues: list[torch.Tensor], pointer: torch.Tensor, batches: list[torch.Tensor]) -> None:
     """Write this step's (globally gathered) features as columns of the queues, FIFO."""
+    if queues[0].shape[1] == 0:
+        return  # no queue: in-batch negatives only
     gathered = [gather_no_grad(b) for b in batches]
     size = gathered[0].shape[0]
     ptr = int(pointer)

@@ -32,7 +32,9 @@ def build_model(
     momentum: float = 0.995,
     label_smoothing: float = 0.1,
 ) -> nn.Module:
-    if len(tokenizer) != cfg.vocab_size:
+    if cfg.vocab_size is None:
+        cfg = cfg.model_copy(update={"vocab_size": len(tokenizer)})
+    elif len(tokenizer) != cfg.vocab_size:
         raise ValueError(f"model.vocab_size {cfg.vocab_size} != tokenizer size {len(tokenizer)} ([DEC], [ENC] added)")
     tokens = SpecialTokens.of(tokenizer)
     if task == "pretrain":
@@ -57,6 +59,7 @@ def build_model(
                 load_bert_weights(module, bert, cfg.bert_init)
     if hasattr(model, "momentum_pairs"):
         copy_to_momentum(model.momentum_pairs)
+    model.model_config = cfg  # the resolved config (vocab size included), saved with the weights
     return model
 
 

@@ -51,9 +51,17 @@ class StageRun:
         if self._mlflow:
             self._mlflow.log_artifact(str(path), artifact_path=folder)
 
+    def log_text(self, text: str, name: str) -> None:
+        if self._mlflow:
+            self._mlflow.log_text(text, name)
+
 
 @contextmanager
-def stage_run(stage: str, params: Params) -> Iterator[StageRun]:
+def stage_run(stage: str, params: Params, run_id: str | None = None) -> Iterator[StageRun]:
+    """The stage's MLflow run; `run_id` continues an earlier run (resume) instead of starting a new one.
+
+    When the stages run as one pipeline, `BLIP_PARENT_RUN_ID` nests each stage's run under the pipeline's.
+    """
     if not is_rank_zero():
         yield StageRun(None)
         return
@@ -64,7 +72,12 @@ def stage_run(stage: str, params: Params) -> Iterator[StageRun]:
     if mlflow.get_experiment_by_name(name) is None and tracking_uri().startswith("sqlite:"):
         mlflow.create_experiment(name, artifact_location=Path("mlartifacts").resolve().as_uri())
     mlflow.set_experiment(name)
-    tags = {"blip.stage": stage, "mlflow.source.git.commit": git_commit()}
-    with mlflow.start_run(run_name=stage, tags=tags):
-        mlflow.log_params({k: str(v)[:MAX_PARAM_LENGTH] for k, v in flatten(params).items()})
+    tags = {"blip.stage": stage, "dvc.stage": stage, "mlflow.source.git.commit": git_commit()}
+    if parent := os.environ.get("BLIP_PARENT_RUN_ID"):
+        tags["mlflow.parentRunId"] = parent
+    system_metrics = os.environ.get("BLIP_SYSTEM_METRICS", "1") == "1"
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else stage, tags=None if run_id else tags,
+                          log_system_metrics=system_metrics):  # fmt: skip
+        if run_id is None:  # a resumed run already holds its params (MLflow refuses to overwrite them)
+            mlflow.log_params({k: str(v)[:MAX_PARAM_LENGTH] for k, v in flatten(params).items()})
         yield StageRun(mlflow)

@@ -11,15 +11,14 @@ import torch
 from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 
-from blip.config import load_params
 from blip.data.tokenizer import BERT_SPECIAL_TOKENS as T
 from blip.models.caption import BlipCaptioner
 from blip.models.checkpoint import UnsafeCheckpointError, load_official, read_state_dict
 from blip.models.pretrain import BlipPretrain
 from blip.models.retrieval import BlipRetrieval
-from tests.conftest import REPO
+from tests.conftest import TINY_BERT
 
-CFG = load_params(REPO / "params.yaml").model
+CFG = TINY_BERT
 
 # The official BLIP_Pretrain key layout (BLIP-REFERENCE.md), written out by hand: <N> = layer index.
 VIT = [r"cls_token", r"pos_embed", r"patch_embed\.proj\.(weight|bias)", r"norm\.(weight|bias)",

@@ -10,15 +10,13 @@ from PIL import Image
 from transformers import BlipForConditionalGeneration, BlipProcessor
 
 from blip.cli import main as blip_main
-from blip.config import load_params
 from blip.data.tokenizer import load_tokenizer
 from blip.data.transforms import eval_transform
 from blip.models.checkpoint import save_weights, stored_config
 from blip.models.factory import build_model
-from tests.conftest import REPO, write_params
+from tests.conftest import TINY_BERT, write_params
 
-PARAMS = load_params(REPO / "params.yaml")
-CFG = PARAMS.model
+CFG = TINY_BERT
 TOKENIZER = load_tokenizer()
 
 
@@ -36,12 +34,12 @@ def images(tmp_path: Path) -> list[Path]:
 def pretrained(tmp_path: Path) -> tuple[torch.nn.Module, Path]:
     torch.manual_seed(0)
     model = build_model("pretrain", CFG, TOKENIZER, queue_size=64).eval()
-    return model, save_weights(model, CFG, tmp_path / "pretrain.safetensors")
+    return model, save_weights(model, tmp_path / "pretrain.safetensors", "bert-base-uncased-offline")
 
 
 def test_weights_file_carries_its_config(pretrained: tuple) -> None:
     _, path = pretrained
-    assert stored_config(path) == CFG
+    assert stored_config(path) == (CFG, "bert-base-uncased-offline")
 
 
 def test_caption_command(pretrained: tuple, images: list[Path], capsys: pytest.CaptureFixture[str]) -> None:
@@ -70,7 +68,8 @@ def test_itm_command_on_an_official_pth(
     official = tmp_path / "model_base.pth"
     torch.save({"model": model.state_dict(), "epoch": 1}, official)
     texts = ["a red square", "a blue square"]
-    assert blip_main(["itm", "--weights", str(official), str(images[0]), *texts]) == 0
+    bert = ["--set", "tokenizer.name=bert-base-uncased-offline"]  # an official file says nothing of its tokenizer
+    assert blip_main(["itm", "--weights", str(official), *bert, str(images[0]), *texts]) == 0
     rows = [line.split("\t") for line in capsys.readouterr().out.strip().splitlines()[1:]]
     pixels = eval_transform(CFG.image_size)(Image.open(images[0]).convert("RGB"))[None].expand(2, -1, -1, -1)
     batch = TOKENIZER(texts, padding="longest", return_tensors="pt")
@@ -86,7 +85,8 @@ def test_official_file_needs_the_matching_config(
     model, _ = pretrained
     official = tmp_path / "model.pth"
     torch.save({"model": model.state_dict()}, official)
-    params = write_params(tmp_path, model={"vision_width": 48, "vision_heads": 4})
+    params = write_params(tmp_path, model={"vision_width": 48, "vision_heads": 4},
+                          tokenizer={"name": "bert-base-uncased-offline", "max_length": 35})
     with pytest.raises(ValueError, match="shape"):
         blip_main(["itm", "--params", str(params), "--weights", str(official), str(images[0]), "x"])
 

@@ -11,17 +11,16 @@ import pytest
 import torch
 from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
 
-from blip.config import load_params
 from blip.data.tokenizer import BERT_SPECIAL_TOKENS as T
 from blip.data.tokenizer import load_tokenizer
 from blip.models.caption import PROMPT, BlipCaptioner
 from blip.models.export_hf import export_hf
 from blip.models.generation import GenerationConfig
 from blip.models.retrieval import BlipRetrieval
-from tests.conftest import REPO
+from tests.conftest import TINY_BERT
 
 TOKENIZER = load_tokenizer()
-CFG = load_params(REPO / "params.yaml").model.model_copy(update={"text_dropout": 0.0})
+CFG = TINY_BERT.model_copy(update={"text_dropout": 0.0})
 
 
 def perturbed(model: torch.nn.Module, seed: int) -> torch.nn.Module:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import random
 from collections import Counter
 from pathlib import Path
 
@@ -153,7 +152,7 @@ def test_transforms_follow_blip() -> None:
 def test_random_augment_ops() -> None:
     image = Image.new("RGB", (32, 32), (10, 200, 30))
     image.paste((250, 250, 250), (8, 8, 24, 24))
-    augment = RandomAugment(2, 5, rng=random.Random(0))
+    augment = RandomAugment(2, 5, generator=torch.Generator().manual_seed(0))
     assert len(augment.OPS) == 10
     for name in augment.OPS:
         out = augment.apply(name, image)

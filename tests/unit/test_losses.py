@@ -8,15 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from blip.config import load_params
 from blip.data.tokenizer import BERT_SPECIAL_TOKENS as T
 from blip.models import contrastive as C
 from blip.models.caption import BlipCaptioner
 from blip.models.med import lm_loss
 from blip.models.pretrain import BlipPretrain
-from tests.conftest import REPO
+from tests.conftest import TINY_BERT
 
-CFG = load_params(REPO / "params.yaml").model
+CFG = TINY_BERT
 
 
 def test_distilled_itc_targets_by_hand() -> None:

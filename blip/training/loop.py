@@ -1,0 +1,156 @@
+"""The training loop: AdamW steps with accumulation, autocast, clipping, logging, checkpoints and exact resume.
+
+A stage supplies the model, a batch stream and `compute(model, batch, step) -> {"loss": ..., other losses}`;
+the `Trainer` does the rest the same way for pretraining and every fine-tune.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from blip.config.schema import TrainConfig
+from blip.data.loader import DataPosition
+from blip.tracking.runs import StageRun
+from blip.training import checkpoints
+from blip.training.distributed import DistContext, all_true, mean_over_ranks
+from blip.training.optim import build_optimizer, set_lr
+
+Compute = Callable[[nn.Module, dict, int], dict[str, torch.Tensor]]
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN or infinite; training stopped before the bad update, the last checkpoint is intact."""
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    if cfg.precision == "fp32" or (cfg.precision == "auto" and device.type != "cuda"):
+        return None
+    return torch.float16 if cfg.precision == "fp16" else torch.bfloat16
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, model: nn.Module, ctx: DistContext, lr_at: Callable[[int], float]) -> None:
+        self.cfg, self.ctx, self.lr_at = cfg, ctx, lr_at
+        self.model = model.to(ctx.device)
+        self.optimizer = build_optimizer(self.model, cfg, ctx.device)
+        self.dtype = autocast_dtype(cfg, ctx.device)
+        self.scaler = torch.amp.GradScaler(enabled=self.dtype == torch.float16)
+        wrapped: nn.Module = self.model
+        if ctx.distributed:
+            # Queues are updated identically on every rank from gathered features: no buffer broadcast needed.
+            ids = [ctx.local_rank] if ctx.device.type == "cuda" else None
+            wrapped = DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False)
+        self.ddp = wrapped
+        self.forward_model = torch.compile(wrapped) if cfg.compile else wrapped
+        self.step = 0
+        self.position = DataPosition()
+        self.run_id: str | None = None
+        self.history: list[dict[str, float]] = []
+
+    # ------------------------------------------------------------------ state
+    def state(self) -> dict[str, Any]:
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng,
+            "data": {"batches": self.position.batches, "samples": dict(self.position.samples)},
+            "history": self.history,
+            "mlflow_run_id": self.run_id,
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.step = state["step"]
+        self.position = DataPosition(state["data"]["batches"], dict(state["data"]["samples"]))
+        self.history = list(state["history"])
+        self.run_id = state["mlflow_run_id"]
+
+    def resume_from(self, folder: Path) -> Path | None:
+        found = checkpoints.load_latest(folder)
+        if found is None:
+            return None
+        self.restore(found[0])
+        return found[1]
+
+    def save(self) -> Path | None:
+        if not self.ctx.is_main:
+            return None
+        return checkpoints.save_checkpoint(self.cfg.checkpoint_dir, self.step, self.state(), self.cfg.keep_checkpoints)
+
+    # ------------------------------------------------------------------ loop
+    def _micro_step(self, batch: dict, compute: Compute, sync: bool) -> dict[str, torch.Tensor]:
+        autocast = torch.autocast(self.ctx.device.type, dtype=self.dtype) if self.dtype is not None else nullcontext()
+        no_sync = nullcontext() if sync or not self.ctx.distributed else self.ddp.no_sync()
+        with no_sync:
+            with autocast:
+                losses = compute(self.forward_model, batch, self.step)
+            self.scaler.scale(losses["loss"] / self.cfg.accumulation).backward()
+        return {k: v.detach() for k, v in losses.items()}
+
+    def fit(self, batches: Iterable[dict], compute: Compute, run: StageRun, samples_per_step: int) -> None:
+        cfg = self.cfg
+        stream = iter(batches)
+        bar = tqdm(total=cfg.total_steps, initial=self.step, desc="train", unit="step",
+                   disable=not self.ctx.is_main, mininterval=1.0)  # fmt: skip
+        window: list[dict[str, float]] = []
+        started = time.perf_counter()
+        self.model.train()
+        while self.step < cfg.total_steps:
+            lr = self.lr_at(self.step)
+            set_lr(self.optimizer, lr)
+            totals: dict[str, float] = {}
+            for micro in range(cfg.accumulation):
+                batch = next(stream)
+                losses = self._micro_step(batch, compute, sync=micro == cfg.accumulation - 1)
+                self.position.advance(batch)
+                for name, value in losses.items():
+                    totals[name] = totals.get(name, 0.0) + value.float().item() / cfg.accumulation
+            if not all_true(math.isfinite(totals["loss"]), self.ctx):
+                last = checkpoints.checkpoints(cfg.checkpoint_dir)
+                raise NonFiniteLossError(
+                    f"non-finite loss at step {self.step} (loss={totals['loss']}); stopped before applying it. "
+                    f"Last good checkpoint: {last[-1] if last else 'none'}. Lower the lr or check the data."
+                )
+            self.scaler.unscale_(self.optimizer)
+            if cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            bar.update(1)
+            window.append(totals)
+            if self.step % cfg.log_every == 0 or self.step == cfg.total_steps:
+                means = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
+                means = mean_over_ranks(means, self.ctx)
+                elapsed = time.perf_counter() - started
+                means |= {"lr": lr, "samples_per_s": samples_per_step * len(window) / elapsed}
+                self.history.append({"step": self.step, **means})
+                run.log_metrics(means, step=self.step)
+                bar.set_postfix({k: f"{v:.3g}" for k, v in means.items() if k in ("loss", "lr", "samples_per_s")})
+                window, started = [], time.perf_counter()
+            if self.step % cfg.checkpoint_every == 0 or self.step % cfg.steps_per_epoch == 0:
+                self.save()
+        bar.close()

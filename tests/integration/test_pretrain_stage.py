@@ -1,0 +1,155 @@
+"""The pretrain stage end to end on a small world: MLflow records, SIGKILL + exact resume, DDP vs one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from blip.stages.ingest import main as ingest_main
+from blip.stages.pretrain import main as pretrain_main
+from blip.stages.vocab import main as vocab_main
+from tests.conftest import SMALL_WORLD, write_params
+
+pytestmark = pytest.mark.slow
+
+TRAIN = {"epochs": 1, "steps_per_epoch": 20, "batch_size": 16, "log_every": 2, "checkpoint_every": 5,
+         "warmup_steps": 4, "eval_images": 10, "deterministic": True}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Ingested shards and a fitted vocabulary, shared by the tests (each trains in its own folder)."""
+    root = tmp_path_factory.mktemp("project")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        ingest = {"out_dir": "data/shards", "samples_per_shard": 25, "sources": [{"format": "synthetic"}]}
+        params = write_params(root, world=SMALL_WORLD, ingest=ingest, data={"num_workers": 2},
+                              pretrain=TRAIN)  # fmt: skip
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'setup.db'}"
+        assert ingest_main(["--params", str(params), "--no-progress"]) == 0
+        assert vocab_main(["--params", str(params)]) == 0
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+def run_args(project: Path, out: Path, **extra: object) -> list[str]:
+    sets = {"data.shard_root": project / "data/shards", "vocab.out": project / "data/vocab/vocab.txt",
+            "tokenizer.name": project / "data/vocab/vocab.txt", "pretrain.checkpoint_dir": out / "checkpoints",
+            "pretrain.output": out / "weights.safetensors", **extra}  # fmt: skip
+    args = ["--params", str(project / "params.yaml")]
+    for key, value in sets.items():
+        args += ["--set", f"{key}={value}"]
+    return args
+
+
+def env_for(out: Path) -> dict[str, str]:
+    return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{out / 'mlflow.db'}", "PYTHONUNBUFFERED": "1"}
+
+
+def test_pretrain_records_everything_in_mlflow(project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
+    assert pretrain_main(run_args(project, tmp_path)) == 0
+    metrics = json.loads(Path("metrics/pretrain.json").read_text())
+    assert {"loss", "itc", "itm", "lm", "eval_i2t_r1", "eval_t2i_r1", "eval_chance_r1"} <= set(metrics)
+    client = MlflowClient()
+    (experiment,) = client.search_experiments(filter_string="name = 'blip-pipeline'")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.data.tags["blip.stage"] == "pretrain" and run.data.tags["mlflow.source.git.commit"]
+    assert run.data.params["pretrain.batch_size"] == "16" and run.data.params["model.vision_width"] == "96"
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in history] == list(range(2, 21, 2))
+    assert history[-1].value < history[0].value  # the loss falls
+    assert {"itc", "itm", "lm", "lr", "samples_per_s", "eval_i2t_r1"} <= set(run.data.metrics)
+    assert any(name.startswith("system/") for name in run.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "pretrain.json", "pretrain.csv", "pretrain.png", "weights.safetensors"} <= artifacts
+    assert Path("plots/pretrain.png").stat().st_size > 10_000
+
+
+def _final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "weights.safetensors"))
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(project: Path, tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "blip", "pretrain"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    for out in (straight, killed):
+        out.mkdir()
+    done = subprocess.run(command + run_args(project, straight), cwd=straight, env=env_for(straight),
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    process = subprocess.Popen(command + run_args(project, killed), cwd=killed, env=env_for(killed),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    target = killed / "checkpoints" / "step-000000015.pt"  # 15 batches: not a multiple of the 2 data workers
+    deadline = time.monotonic() + 300
+    while not target.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait(timeout=60) == -signal.SIGKILL
+    assert target.exists() and not (killed / "weights.safetensors").exists()
+
+    resumed = subprocess.run(command + run_args(project, killed), cwd=killed, env=env_for(killed),
+                             capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout and "step 15" in resumed.stdout
+    a, b = _final_weights(straight), _final_weights(killed)
+    assert a.keys() == b.keys()
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= 1e-6
+
+    client = MlflowClient(f"sqlite:///{killed / 'mlflow.db'}")
+    (experiment,) = client.search_experiments(filter_string="name = 'blip-pipeline'")
+    (run,) = client.search_runs([experiment.experiment_id])  # one run, continued, not two
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert steps[-1] == 20 and 16 in steps
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _loss_curve(out: Path) -> list[float]:
+    rows = (out / "plots/pretrain.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    return [float(r.split(",")[header.index("loss")]) for r in rows[1:]]
+
+
+def test_torchrun_two_ranks_matches_one_process(project: Path, tmp_path: Path) -> None:
+    """Same global batch (16 = 2 ranks x 8): the loss curves agree within 10% at every logged step."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    for out in (one, two):
+        out.mkdir()
+    extra = {"data.num_workers": 0}
+    single = subprocess.run([sys.executable, "-m", "blip", "pretrain", *run_args(project, one, **extra)],
+                            cwd=one, env=env_for(one), capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert single.returncode == 0, single.stderr[-3000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+                "-m", "blip", "pretrain"]  # fmt: skip
+    ddp = subprocess.run(torchrun + run_args(project, two, **extra), cwd=two, env=env_for(two),
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    curve_one, curve_two = _loss_curve(one), _loss_curve(two)
+    assert len(curve_one) == len(curve_two) == 10
+    for a, b in zip(curve_one, curve_two, strict=True):
+        assert abs(a - b) <= 0.10 * a, (curve_one, curve_two)
+    client = MlflowClient(f"sqlite:///{two / 'mlflow.db'}")
+    (experiment,) = client.search_experiments(filter_string="name = 'blip-pipeline'")
+    assert len(client.search_runs([experiment.experiment_id])) == 1  # rank 0 only
+    assert len(list((two / "checkpoints").glob("step-*.pt"))) == 3  # keep_checkpoints
