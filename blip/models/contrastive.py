@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -30,6 +32,16 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts)
+
+
+@torch.no_grad()
+def gather_padded(x: torch.Tensor, pad_value: int) -> torch.Tensor:
+    """Gather [B, L] token rows whose L differs by rank (each pads to its own longest): pad to the global L."""
+    if not distributed():
+        return x
+    length = torch.tensor([x.shape[1]], device=x.device)
+    dist.all_reduce(length, op=dist.ReduceOp.MAX)
+    return gather_no_grad(F.pad(x, (0, int(length) - x.shape[1]), value=pad_value))
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -77,11 +89,10 @@ def momentum_update(pairs: list[tuple[nn.Module, nn.Module]], momentum: float) -
 
 
 @torch.no_grad()
-def enqueue(queues: list[torch.Tensor], pointer: torch.Tensor, batches: list[torch.Tensor]) -> None:
-    """Write this step's (globally gathered) features as columns of the queues, FIFO."""
+def enqueue(queues: list[torch.Tensor], pointer: torch.Tensor, gathered: list[torch.Tensor]) -> None:
+    """Write this step's features, gathered over all ranks, as columns of the queues, FIFO."""
     if queues[0].shape[1] == 0:
-        return  # no queue: in-batch negatives only
-    gathered = [gather_no_grad(b) for b in batches]
+        return  # no queue: negatives come from the global batch only
     size = gathered[0].shape[0]
     ptr = int(pointer)
     if queues[0].shape[1] % size:
@@ -141,11 +152,18 @@ def sample_negatives(
         image_for_text = torch.multinomial(negative_weights(sim_t2i, positives), 1, generator=generator).squeeze(1)
         text_for_image = torch.multinomial(negative_weights(sim_i2t, positives), 1, generator=generator).squeeze(1)
     world_images = gather_with_grad(image_embeds)
-    return (
-        world_images[image_for_text],
-        gather_no_grad(text_ids)[text_for_image],
-        gather_no_grad(text_mask)[text_for_image],
-    )
+    # Pad id 0 is [PAD] in BERT's vocabulary and in ours; mask 0 keeps padding out of attention either way.
+    world_ids, world_mask = gather_padded(text_ids, pad_value=0), gather_padded(text_mask, pad_value=0)
+    return world_images[image_for_text], world_ids[text_for_image], world_mask[text_for_image]
+
+
+@dataclass
+class ItcOutput:
+    loss: torch.Tensor
+    accuracy: torch.Tensor  # image->text top-1 over the global batch and queue, for monitoring
+    image_feat_m: torch.Tensor  # gathered momentum features (and ids) to enqueue
+    text_feat_m: torch.Tensor
+    image_ids: torch.Tensor | None
 
 
 class DualEncoder(nn.Module):
@@ -202,27 +220,42 @@ class DualEncoder(nn.Module):
         text_ids: torch.Tensor,
         text_mask: torch.Tensor,
         queues: tuple[torch.Tensor, torch.Tensor],
-        positives: torch.Tensor,
         alpha: float,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """ITC loss against momentum features + queues, with distilled targets.
+        image_ids: torch.Tensor | None = None,
+        id_queue: torch.Tensor | None = None,
+    ) -> ItcOutput:
+        """ITC against the momentum features of the whole global batch (gathered over ranks) and the queues.
 
-        `positives` [B, B + queue] marks the positive columns. Returns (loss, image->text similarities, and the
-        momentum features to enqueue).
+        Positives: each pair's own column, or, given `image_ids` (and the queued ids), every column of the same
+        image. Gathering the current batch makes the loss the same for N ranks x B as for one process x N*B.
         """
+        batch, offset = image_feat.shape[0], rank_offset(image_feat.shape[0])
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
             momentum_update(self.momentum_pairs, self.momentum)
-            image_feat_m = F.normalize(self.vision_proj_m(self.visual_encoder_m(images)[:, 0]), dim=-1)
-            text_feat_m = F.normalize(self.text_proj_m(self.text_encoder_m(text_ids, text_mask)[:, 0]), dim=-1)
+            image_feat_m = gather_no_grad(F.normalize(self.vision_proj_m(self.visual_encoder_m(images)[:, 0]), dim=-1))
+            text_out_m = self.text_encoder_m(text_ids, text_mask)[:, 0]
+            text_feat_m = gather_no_grad(F.normalize(self.text_proj_m(text_out_m), dim=-1))
             image_feat_all = torch.cat([image_feat_m.T, queues[0].clone()], dim=1)
             text_feat_all = torch.cat([text_feat_m.T, queues[1].clone()], dim=1)
-            i2t_targets = distilled_targets(image_feat_m @ text_feat_all / self.temp, positives, alpha)
-            t2i_targets = distilled_targets(text_feat_m @ image_feat_all / self.temp, positives, alpha)
+            columns = torch.arange(batch, device=images.device) + offset
+            all_ids = None
+            if image_ids is None:
+                positives = torch.zeros(batch, image_feat_all.shape[1], device=images.device)
+                positives[torch.arange(batch), columns] = 1
+            else:
+                all_ids = gather_no_grad(image_ids)
+                known = torch.cat([all_ids, id_queue.view(-1)]) if id_queue is not None else all_ids
+                known = F.pad(known, (0, image_feat_all.shape[1] - known.shape[0]), value=-100)
+                positives = (image_ids[:, None] == known[None, :]).float()
+            local_m = slice(offset, offset + batch)
+            i2t_targets = distilled_targets(image_feat_m[local_m] @ text_feat_all / self.temp, positives, alpha)
+            t2i_targets = distilled_targets(text_feat_m[local_m] @ image_feat_all / self.temp, positives, alpha)
         sim_i2t = image_feat @ text_feat_all / self.temp
         sim_t2i = text_feat @ image_feat_all / self.temp
         loss = (itc_loss(sim_i2t, i2t_targets) + itc_loss(sim_t2i, t2i_targets)) / 2
-        return loss, sim_i2t, image_feat_m, text_feat_m
+        accuracy = (sim_i2t.argmax(1) == columns).float().mean()
+        return ItcOutput(loss, accuracy, image_feat_m, text_feat_m, all_ids)
 
     def itm(
         self,
@@ -238,6 +271,8 @@ class DualEncoder(nn.Module):
             sim_i2t = image_feat @ gather_no_grad(text_feat).T / self.temp
             sim_t2i = text_feat @ gather_no_grad(image_feat).T / self.temp
         neg_images, neg_ids, neg_mask = sample_negatives(sim_i2t, sim_t2i, image_embeds, text_ids, text_mask, image_ids)
+        # Negatives from other ranks may be padded wider than this rank's texts.
+        text_ids, text_mask = (F.pad(t, (0, neg_ids.shape[1] - t.shape[1])) for t in (text_ids, text_mask))
         ids = torch.cat([text_ids, text_ids, neg_ids])
         mask = torch.cat([text_mask, text_mask, neg_mask])
         images = torch.cat([image_embeds, neg_images, image_embeds])

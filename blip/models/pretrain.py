@@ -24,7 +24,7 @@ class PretrainLosses:
     itc: torch.Tensor
     itm: torch.Tensor
     lm: torch.Tensor
-    itc_accuracy: torch.Tensor  # image->text top-1 within the batch, for monitoring
+    itc_accuracy: torch.Tensor  # image->text top-1 among the global batch and queue, for monitoring
 
 
 class BlipPretrain(DualEncoder):
@@ -57,16 +57,11 @@ class BlipPretrain(DualEncoder):
 
         ITC positives are the diagonal (as in BLIP); known image ids keep same-image captions out of ITM negatives.
         """
-        batch = images.shape[0]
         image_embeds, image_feat = self.image_features(images)
         text_feat = self.text_features(text_ids, text_mask)
         queues = (self.image_queue, self.text_queue)
-        positives = torch.zeros(batch, batch + self.image_queue.shape[1], device=images.device)
-        positives.fill_diagonal_(1)
-        itc, sim_i2t, image_feat_m, text_feat_m = self.itc(
-            images, image_feat, text_feat, text_ids, text_mask, queues, positives, alpha
-        )
-        enqueue(list(queues), self.queue_ptr, [image_feat_m, text_feat_m])
+        itc = self.itc(images, image_feat, text_feat, text_ids, text_mask, queues, alpha)
+        enqueue(list(queues), self.queue_ptr, [itc.image_feat_m, itc.text_feat_m])
         itm = self.itm(image_embeds, image_feat, text_feat, text_ids, text_mask, image_ids)
 
         # LM: [DEC] + caption, predicting each next token; padding ignored
@@ -75,5 +70,4 @@ class BlipPretrain(DualEncoder):
         labels = dec_ids.masked_fill(dec_ids == self.tokens.pad, -100)
         lm = lm_loss(self.text_decoder(dec_ids, text_mask, image_embeds), labels, self.label_smoothing)
 
-        hits = sim_i2t[:, :batch].argmax(1) == torch.arange(batch, device=images.device)
-        return PretrainLosses(itc + itm + lm, itc, itm, lm, hits.float().mean())
+        return PretrainLosses(itc.loss + itm + lm, itc.loss, itm, lm, itc.accuracy)

@@ -39,12 +39,8 @@ class BlipRetrieval(DualEncoder):
     ) -> RetrievalLosses:  # fmt: skip
         image_embeds, image_feat = self.image_features(images)
         text_feat = self.text_features(text_ids, text_mask)
-        ids = image_ids.view(-1, 1)
-        positives = (ids == torch.cat([ids.T, self.idx_queue], dim=1)).float()
         queues = (self.image_queue, self.text_queue)
-        itc, _, image_feat_m, text_feat_m = self.itc(
-            images, image_feat, text_feat, text_ids, text_mask, queues, positives, alpha
-        )
-        enqueue([*queues, self.idx_queue], self.ptr_queue, [image_feat_m, text_feat_m, image_ids])
+        itc = self.itc(images, image_feat, text_feat, text_ids, text_mask, queues, alpha, image_ids, self.idx_queue)
+        enqueue([*queues, self.idx_queue], self.ptr_queue, [itc.image_feat_m, itc.text_feat_m, itc.image_ids])
         itm = self.itm(image_embeds, image_feat, text_feat, text_ids, text_mask, image_ids)
-        return RetrievalLosses(itc + itm, itc, itm)
+        return RetrievalLosses(itc.loss + itm, itc.loss, itm)

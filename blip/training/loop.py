@@ -50,7 +50,7 @@ class Trainer:
         if ctx.distributed:
             # Queues are updated identically on every rank from gathered features: no buffer broadcast needed.
             ids = [ctx.local_rank] if ctx.device.type == "cuda" else None
-            wrapped = DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False)
+            wrapped = DistributedDataParallel(self.model, device_ids=ids, forward_sync_buffers=False)
         self.ddp = wrapped
         self.forward_model = torch.compile(wrapped) if cfg.compile else wrapped
         self.step = 0
@@ -122,7 +122,10 @@ class Trainer:
             set_lr(self.optimizer, lr)
             totals: dict[str, float] = {}
             for micro in range(cfg.accumulation):
-                batch = next(stream)
+                with torch.random.fork_rng(devices=[]):
+                    # A DataLoader draws its workers' seed from the global RNG when it starts (on the first
+                    # batch): keep that out of the model's random stream, or a resumed run would diverge.
+                    batch = next(stream)
                 losses = self._micro_step(batch, compute, sync=micro == cfg.accumulation - 1)
                 self.position.advance(batch)
                 for name, value in losses.items():

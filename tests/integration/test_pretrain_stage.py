@@ -109,8 +109,8 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(project: Path, tmp_path
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout and "step 15" in resumed.stdout
     a, b = _final_weights(straight), _final_weights(killed)
-    assert a.keys() == b.keys()
-    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= 1e-6
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a if a[k].numel()) <= 1e-6
 
     client = MlflowClient(f"sqlite:///{killed / 'mlflow.db'}")
     (experiment,) = client.search_experiments(filter_string="name = 'blip-pipeline'")
@@ -132,7 +132,8 @@ def _loss_curve(out: Path) -> list[float]:
 
 
 def test_torchrun_two_ranks_matches_one_process(project: Path, tmp_path: Path) -> None:
-    """Same global batch (16 = 2 ranks x 8): the loss curves agree within 10% at every logged step."""
+    """Same global batch (16 = 2 ranks x 8): the loss curves agree within 5% at every logged step (the ranks
+    read other samples than the single process, so exact equality is not expected; measured: within 1.5%)."""
     one, two = tmp_path / "one", tmp_path / "two"
     for out in (one, two):
         out.mkdir()
@@ -148,7 +149,7 @@ def test_torchrun_two_ranks_matches_one_process(project: Path, tmp_path: Path) -
     curve_one, curve_two = _loss_curve(one), _loss_curve(two)
     assert len(curve_one) == len(curve_two) == 10
     for a, b in zip(curve_one, curve_two, strict=True):
-        assert abs(a - b) <= 0.10 * a, (curve_one, curve_two)
+        assert abs(a - b) <= 0.05 * a, (curve_one, curve_two)
     client = MlflowClient(f"sqlite:///{two / 'mlflow.db'}")
     (experiment,) = client.search_experiments(filter_string="name = 'blip-pipeline'")
     assert len(client.search_runs([experiment.experiment_id])) == 1  # rank 0 only
