@@ -85,8 +85,11 @@ def test_official_file_needs_the_matching_config(
     model, _ = pretrained
     official = tmp_path / "model.pth"
     torch.save({"model": model.state_dict()}, official)
-    params = write_params(tmp_path, model={"vision_width": 48, "vision_heads": 4},
-                          tokenizer={"name": "bert-base-uncased-offline", "max_length": 35})
+    params = write_params(
+        tmp_path,
+        model={"vision_width": 48, "vision_heads": 4},
+        tokenizer={"name": "bert-base-uncased-offline", "max_length": 35},
+    )
     with pytest.raises(ValueError, match="shape"):
         blip_main(["itm", "--params", str(params), "--weights", str(official), str(images[0]), "x"])
 

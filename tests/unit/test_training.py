@@ -120,3 +120,42 @@ def test_training_stream_resumes_exactly(tmp_path: Path, workers: int) -> None:
         got = next(resumed)
         assert got["key"] == expected["key"] and got["text"] == expected["text"]
         assert torch.equal(got["image"], expected["image"])  # the same random crops and flips
+
+
+class _Linear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (self.layer(x).squeeze(1) - y).square().mean()
+
+
+def _train(cfg: TrainConfig, batches: list[dict]) -> Trainer:
+    trainer = Trainer(cfg, _Linear(), CPU, lambda step: cfg.lr)
+    trainer.fit(iter(batches), lambda model, b, step: {"loss": model(b["x"], b["y"])}, StageRun(None), 1)
+    return trainer
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path: Path) -> None:
+    x, y = torch.randn(8, 4, generator=torch.Generator().manual_seed(1)), torch.arange(8.0)
+    common = {"epochs": 1, "steps_per_epoch": 3, "lr": 0.05, "checkpoint_dir": tmp_path, "grad_clip": 1.0}
+    whole = _train(TrainConfig(batch_size=8, **common), [{"x": x, "y": y}] * 3)
+    halves = [{"x": x[:4], "y": y[:4]}, {"x": x[4:], "y": y[4:]}] * 3
+    accumulated = _train(TrainConfig(batch_size=8, accumulation=2, **common), halves)
+    assert torch.allclose(whole.model.layer.weight, accumulated.model.layer.weight, atol=1e-6)
+    assert accumulated.position.batches == 6
+
+
+def test_bf16_autocast_and_torch_compile_train(tmp_path: Path) -> None:
+    x, y = torch.randn(8, 4, generator=torch.Generator().manual_seed(1)), torch.arange(8.0)
+    for precision, compile_ in (("bf16", False), ("fp32", True)):
+        cfg = TrainConfig(epochs=1, steps_per_epoch=20, batch_size=8, lr=0.3, log_every=5, precision=precision,
+                          compile=compile_, checkpoint_dir=tmp_path / precision)  # fmt: skip
+        trainer = _train(cfg, [{"x": x, "y": y}] * 20)
+        losses = [row["loss"] for row in trainer.history]
+        assert losses[-1] < losses[0] / 2, (precision, losses)
+        assert trainer.model.layer.weight.dtype == torch.float32  # autocast leaves the master weights in fp32
+        saved = checkpoints.load_latest(tmp_path / precision)[0]["model"]
+        assert set(saved) == {"layer.weight", "layer.bias"}  # no torch.compile wrapper names in checkpoints
