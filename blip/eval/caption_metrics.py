@@ -1,0 +1,55 @@
+"""Caption metrics exactly as the COCO caption evaluation computes them (`pycocoevalcap`).
+
+References and candidates go through the PTB tokenizer, then BLEU-1..4, METEOR, ROUGE-L and CIDEr are computed
+by pycocoevalcap's own scorers, one by one (its `COCOEvalCap.evaluate` always runs SPICE, which downloads
+Stanford CoreNLP on first use). SPICE is computed only when those models are installed, and otherwise reported as
+unavailable with the reason, never estimated.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SPICE_MODELS = "stanford-corenlp-3.6.0"
+
+
+def spice_unavailable_reason() -> str | None:
+    import pycocoevalcap.spice.spice as spice_module
+
+    lib = Path(spice_module.__file__).parent / "lib"
+    jars = [f"{SPICE_MODELS}{suffix}.jar" for suffix in ("", "-models")]
+    missing = [jar for jar in jars if not (lib / jar).exists()]
+    if missing:
+        return f"SPICE needs {', '.join(missing)} in {lib} (pycocoevalcap downloads them at first use; offline here)"
+    return None
+
+
+def caption_scores(predictions: dict[str, str], references: dict[str, list[str]]) -> dict[str, float | str]:
+    """Corpus-level scores for `predictions[image_id]` against `references[image_id]` (same ids in both)."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    if set(predictions) != set(references):
+        raise ValueError(f"predictions and references cover different images: {len(predictions)} vs {len(references)}")
+    tokenizer = PTBTokenizer()
+    gts = tokenizer.tokenize({i: [{"caption": c} for c in refs] for i, refs in references.items()})
+    res = tokenizer.tokenize({i: [{"caption": c}] for i, c in predictions.items()})
+    scores: dict[str, float | str] = {}
+    bleu, _ = Bleu(4).compute_score(gts, res)
+    scores.update({f"BLEU_{n}": float(value) for n, value in enumerate(bleu, start=1)})
+    meteor = Meteor()  # a Java process; pycocoevalcap stops it when the scorer is garbage-collected
+    scores["METEOR"] = float(meteor.compute_score(gts, res)[0])
+    del meteor
+    scores["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
+    scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+    reason = spice_unavailable_reason()
+    if reason is None:
+        from pycocoevalcap.spice.spice import Spice
+
+        scores["SPICE"] = float(Spice().compute_score(gts, res)[0])
+    else:
+        scores["SPICE"] = f"unavailable: {reason}"
+    return scores
