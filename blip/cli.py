@@ -14,6 +14,7 @@ COMMANDS = {
     "ingest": ("blip.stages.ingest", "synthetic world / annotation files -> webdataset shards"),
     "vocab": ("blip.stages.vocab", "fit a WordPiece vocabulary to the training text"),
     "pretrain": ("blip.stages.pretrain", "BLIP pretraining (ITC + ITM + LM); torchrun for DDP"),
+    "caption-finetune": ("blip.stages.caption", "fine-tune and evaluate the captioner"),
     "config": ("blip.stages.show_config", "print the validated configuration"),
     "caption": ("blip.commands:caption_main", "caption images with trained or official weights"),
     "itm": ("blip.commands:itm_main", "ITM probability and ITC similarity of texts with an image"),

@@ -23,6 +23,7 @@ from pydantic_settings import (
 )
 
 from blip.config.schema import (
+    CaptionFinetuneConfig,
     DataConfig,
     IngestConfig,
     ModelConfig,
@@ -53,6 +54,7 @@ class Params(BaseSettings):
     tokenizer: TokenizerConfig = TokenizerConfig()
     model: ModelConfig = ModelConfig()
     pretrain: PretrainConfig = PretrainConfig()
+    caption: CaptionFinetuneConfig = CaptionFinetuneConfig()
 
     @classmethod
     def settings_customise_sources(

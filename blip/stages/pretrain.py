@@ -10,28 +10,24 @@ from __future__ import annotations
 import zlib
 from collections.abc import Sequence
 from functools import partial
-from pathlib import Path
 
 import torch
 import yaml
+from transformers import PreTrainedTokenizer
 
-from blip.config import ConfigError
-from blip.data.loader import make_loader, train_pipeline
-from blip.data.shards import shard_urls
+from blip.config import Params
 from blip.data.tokenizer import load_tokenizer
-from blip.data.transforms import train_transform
 from blip.eval.itc import itc_recall
 from blip.models.checkpoint import save_weights
 from blip.models.contrastive import ramped_alpha
 from blip.models.factory import build_model
 from blip.stages.common import parse_stage_args, stage_parser, write_metrics
+from blip.stages.training import resume, save_curves, training_batches
 from blip.tracking import stage_run
-from blip.tracking.plots import plot_history, write_history_csv
+from blip.tracking.runs import StageRun
 from blip.training.distributed import setup, teardown
 from blip.training.loop import Trainer
 from blip.training.optim import pretrain_lr
-
-PLOTS = Path("plots")
 
 
 def image_ids(records: list[dict], device: torch.device) -> torch.Tensor:
@@ -44,23 +40,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg, data = params.pretrain, params.data
     ctx = setup()
     try:
-        per_rank, remainder = divmod(cfg.batch_size, ctx.world_size * cfg.accumulation)
-        if remainder or per_rank == 0:
-            raise ConfigError(f"pretrain.batch_size {cfg.batch_size} does not split over {ctx.world_size} ranks x "
-                              f"{cfg.accumulation} accumulation steps")  # fmt: skip
         torch.use_deterministic_algorithms(cfg.deterministic)
-        urls = [url for split in cfg.splits for url in shard_urls(data.shard_root / split)]
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         tokenizer = load_tokenizer(params.tokenizer.name)
         model = build_model("pretrain", params.model, tokenizer, cfg.queue_size, cfg.momentum, cfg.label_smoothing)
         torch.manual_seed(cfg.seed + 1_000 * ctx.rank)  # then each rank its own dropout / negatives
         trainer = Trainer(cfg, model, ctx, partial(pretrain_lr, cfg))
-        resumed = trainer.resume_from(cfg.checkpoint_dir) if cfg.resume == "auto" else None
-        if resumed and ctx.is_main:
-            print(f"pretrain: resuming from {resumed} (step {trainer.step})")
-        transform = train_transform(params.model.image_size, data.pretrain_augment)
-        pipeline = train_pipeline(urls, "pairs", transform, per_rank, seed=cfg.seed, rank=ctx.rank,
-                                  shuffle_buffer=data.shuffle_buffer, resume=trainer.position)  # fmt: skip
+        resume("pretrain", trainer, cfg)
+        batches = training_batches("pretrain", params, cfg, cfg.splits, data.pretrain_augment, trainer)
         max_length = params.tokenizer.max_length
 
         def compute(forward: torch.nn.Module, batch: dict, step: int) -> dict[str, torch.Tensor]:
@@ -73,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         with stage_run("pretrain", params, run_id=trainer.run_id) as run:
             trainer.run_id = trainer.run_id or run.run_id
-            trainer.fit(make_loader(pipeline, data.num_workers), compute, run, samples_per_step=cfg.batch_size)
+            trainer.fit(batches, compute, run, samples_per_step=cfg.batch_size)
             if ctx.is_main:
                 finish(params, trainer, tokenizer, run)
     finally:
@@ -81,7 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def finish(params, trainer: Trainer, tokenizer, run) -> None:
+def finish(params: Params, trainer: Trainer, tokenizer: PreTrainedTokenizer, run: StageRun) -> None:
+    """Rank 0, after training: held-out ITC recall, final weights, metrics, curves, MLflow artifacts."""
     cfg = params.pretrain
     model = trainer.model
     metrics = {k: v for k, v in trainer.history[-1].items() if k != "samples_per_s"} if trainer.history else {}
@@ -92,11 +80,9 @@ def finish(params, trainer: Trainer, tokenizer, run) -> None:
         run.log_metrics({f"eval_{k}": v for k, v in recall.items()}, step=trainer.step)
     weights = save_weights(model, cfg.output, params.tokenizer.name)
     path = write_metrics("pretrain", metrics)
-    curve_csv = write_history_csv(trainer.history, PLOTS / "pretrain.csv")
-    curve_png = plot_history(trainer.history, PLOTS / "pretrain.png", "pretrain (ITC + ITM + LM)")
+    save_curves("pretrain", trainer, run, "pretrain (ITC + ITM + LM)")
     run.log_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False), "config.yaml")
-    for artifact in (path, curve_csv, curve_png, weights):
+    for artifact in (path, weights):
         run.log_artifact(artifact)
-    print(
-        f"pretrain: {trainer.step} steps, weights {weights}, " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
-    )
+    summary = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+    print(f"pretrain: {trainer.step} steps, weights {weights}, {summary}")

@@ -154,3 +154,35 @@ def test_torchrun_two_ranks_matches_one_process(project: Path, tmp_path: Path) -
     (experiment,) = client.search_experiments(filter_string="name = 'blip-pipeline'")
     assert len(client.search_runs([experiment.experiment_id])) == 1  # rank 0 only
     assert len(list((two / "checkpoints").glob("step-*.pt"))) == 3  # keep_checkpoints
+
+
+def test_caption_finetune_trains_evaluates_and_draws(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from blip.config import load_params
+    from blip.data.tokenizer import load_tokenizer
+    from blip.models.checkpoint import save_weights
+    from blip.models.factory import build_model
+    from blip.stages.caption import main as caption_main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    vocab = str(project / "data/vocab/vocab.txt")
+    params = load_params(project / "params.yaml", [f"tokenizer.name={vocab}"])
+    pretrained = tmp_path / "pre.safetensors"
+    save_weights(build_model("pretrain", params.model, load_tokenizer(vocab), queue_size=0), pretrained, vocab)
+    sets = {"data.shard_root": project / "data/shards", "tokenizer.name": vocab, "caption.init": pretrained,
+            "caption.epochs": 1, "caption.steps_per_epoch": 6, "caption.batch_size": 8, "caption.log_every": 2,
+            "caption.eval_images": 12, "caption.checkpoint_dir": tmp_path / "ck", "caption.gallery_images": 4,
+            "caption.max_length": 10}  # fmt: skip
+    args = ["--params", str(project / "params.yaml")]
+    for key, value in sets.items():
+        args += ["--set", f"{key}={value}"]
+    assert caption_main(args) == 0
+    metrics = json.loads(Path("metrics/caption.json").read_text())
+    assert {"BLEU_1", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr"} <= set(metrics) and metrics["images"] == 12
+    assert metrics["SPICE"].startswith("unavailable")
+    results = json.loads(Path("reports/caption/results.json").read_text())
+    assert len(results) == 12 and set(results[0]) == {"image_id", "caption"}
+    assert Path("reports/caption/gallery.png").stat().st_size > 10_000
+    assert Path("models/caption.safetensors").exists() and Path("plots/caption.csv").exists()

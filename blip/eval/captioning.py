@@ -1,0 +1,72 @@
+"""Caption a split's images, score them against the human captions, and draw a gallery people can inspect."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+from transformers import PreTrainedTokenizer
+
+from blip.data.loader import eval_pipeline, make_loader
+from blip.data.shards import shard_urls
+from blip.data.transforms import CLIP_MEAN, CLIP_STD, eval_transform
+from blip.models.caption import BlipCaptioner
+from blip.models.generation import GenerationConfig
+
+
+@torch.no_grad()
+def caption_split(
+    model: BlipCaptioner,
+    shard_dir: Path,
+    tokenizer: PreTrainedTokenizer,
+    image_size: int,
+    max_images: int,
+    config: GenerationConfig,
+    device: torch.device,
+) -> tuple[dict[str, str], dict[str, list[str]], dict[str, torch.Tensor]]:
+    """(generated caption, reference captions, normalised image) per image id, for the first `max_images`."""
+    was_training = model.training
+    model.eval()
+    predictions: dict[str, str] = {}
+    references: dict[str, list[str]] = {}
+    pixels: dict[str, torch.Tensor] = {}
+    for batch in make_loader(eval_pipeline(shard_urls(shard_dir), "pairs", eval_transform(image_size), 32), 0):
+        keep = min(len(batch["key"]), max_images - len(predictions))
+        if keep <= 0 or "image" not in batch:
+            break
+        images = batch["image"][:keep]
+        for record, ids, captions, image in zip(batch["record"], model.generate(images.to(device), config),
+                                                batch["text"], images, strict=False):  # fmt: skip
+            predictions[record["image_id"]] = tokenizer.decode(ids, skip_special_tokens=True)
+            references[record["image_id"]] = captions
+            pixels[record["image_id"]] = image
+    model.train(was_training)
+    return predictions, references, pixels
+
+
+def caption_gallery(
+    predictions: dict[str, str], references: dict[str, list[str]], pixels: dict[str, torch.Tensor], path: Path,
+    count: int,
+) -> Path:  # fmt: skip
+    """A grid of images, each with its generated caption and two of its human captions."""
+    ids = list(predictions)[:count]
+    columns = 4
+    rows = max(1, -(-len(ids) // columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 4.2 * rows), squeeze=False)
+    mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, image_id in zip(axes.flat, ids, strict=False):
+        axis.imshow((pixels[image_id] * std + mean).clamp(0, 1).permute(1, 2, 0).numpy(), interpolation="nearest")
+        lines = [f"generated: {predictions[image_id]}", *(f"human: {c}" for c in references[image_id][:2])]
+        axis.set_title("\n".join(textwrap.fill(line, 44) for line in lines), fontsize=8, loc="left")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path

@@ -1,0 +1,88 @@
+"""`blip caption-finetune`: fine-tune the captioner from the pretrained weights, then evaluate it.
+
+Training: LM loss on "a picture of " + caption, the prompt masked (BLIP's captioning recipe, cosine schedule).
+Evaluation on `caption.eval_split`: beam search, COCO-format results JSON, BLEU-1..4 / METEOR / ROUGE-L / CIDEr
+(SPICE reported unavailable offline) in metrics/caption.json, and a gallery of generated vs human captions.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizer
+
+from blip.config import Params
+from blip.data.tokenizer import load_tokenizer
+from blip.eval.caption_metrics import caption_scores
+from blip.eval.captioning import caption_gallery, caption_split
+from blip.models.caption import PROMPT
+from blip.models.checkpoint import load_official, read_state_dict, save_weights
+from blip.models.factory import build_model
+from blip.models.generation import GenerationConfig
+from blip.stages.common import parse_stage_args, stage_parser, write_metrics
+from blip.stages.training import resume, save_curves, training_batches
+from blip.tracking import stage_run
+from blip.tracking.runs import StageRun
+from blip.training.distributed import setup, teardown
+from blip.training.loop import Trainer
+from blip.training.optim import cosine_lr
+
+REPORTS = Path("reports/caption")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _, params = parse_stage_args(stage_parser("caption-finetune", __doc__ or ""), argv)
+    cfg = params.caption
+    ctx = setup()
+    try:
+        torch.use_deterministic_algorithms(cfg.deterministic)
+        torch.manual_seed(cfg.seed)
+        tokenizer = load_tokenizer(params.tokenizer.name)
+        model = build_model("caption", params.model, tokenizer, label_smoothing=cfg.label_smoothing)
+        load_official(model, read_state_dict(cfg.init))  # keeps the image encoder and the decoder
+        torch.manual_seed(cfg.seed + 1_000 * ctx.rank)
+        trainer = Trainer(cfg, model, ctx, partial(cosine_lr, cfg))
+        resume("caption", trainer, cfg)
+        batches = training_batches("caption", params, cfg, cfg.splits, params.data.finetune_augment, trainer)
+        max_length = params.tokenizer.max_length
+
+        def compute(forward: torch.nn.Module, batch: dict, step: int) -> dict[str, torch.Tensor]:
+            tokens = tokenizer([PROMPT + text for text in batch["text"]], padding="longest", truncation=True,
+                               max_length=max_length, return_tensors="pt").to(ctx.device)  # fmt: skip
+            return {"loss": forward(batch["image"].to(ctx.device), tokens.input_ids, tokens.attention_mask)}
+
+        with stage_run("caption", params, run_id=trainer.run_id) as run:
+            trainer.run_id = trainer.run_id or run.run_id
+            trainer.fit(batches, compute, run, samples_per_step=cfg.batch_size)
+            if ctx.is_main:
+                finish(params, trainer, tokenizer, run)
+    finally:
+        teardown()
+    return 0
+
+
+def finish(params: Params, trainer: Trainer, tokenizer: PreTrainedTokenizer, run: StageRun) -> None:
+    cfg = params.caption
+    generation = GenerationConfig("beam", cfg.num_beams, cfg.max_length, cfg.min_length)
+    predictions, references, pixels = caption_split(
+        trainer.model, params.data.shard_root / cfg.eval_split, tokenizer, params.model.image_size,
+        cfg.eval_images, generation, trainer.ctx.device,
+    )  # fmt: skip
+    scores = caption_scores(predictions, references)
+    numeric = {k: v for k, v in scores.items() if isinstance(v, float)}
+    metrics = {**numeric, "images": len(predictions), "loss": trainer.history[-1]["loss"]}
+    metrics |= {k: v for k, v in scores.items() if isinstance(v, str)}  # SPICE's reason, never a number
+    run.log_metrics(numeric, step=trainer.step)
+    REPORTS.mkdir(parents=True, exist_ok=True)
+    results = REPORTS / "results.json"
+    results.write_text(json.dumps([{"image_id": i, "caption": c} for i, c in predictions.items()], indent=1))
+    gallery = caption_gallery(predictions, references, pixels, REPORTS / "gallery.png", cfg.gallery_images)
+    weights = save_weights(trainer.model, cfg.output, params.tokenizer.name)
+    save_curves("caption", trainer, run, "caption fine-tune (LM)")
+    for artifact in (write_metrics("caption", metrics), results, gallery, weights):
+        run.log_artifact(artifact)
+    print("caption: " + ", ".join(f"{k}={v:.4g}" for k, v in numeric.items()))
