@@ -24,8 +24,7 @@ from blip.models.checkpoint import load_official, read_state_dict, save_weights
 from blip.models.factory import build_model
 from blip.models.generation import GenerationConfig
 from blip.stages.common import parse_stage_args, stage_parser, write_metrics
-from blip.stages.training import resume, save_curves, training_batches
-from blip.tracking import stage_run
+from blip.stages.training import fit_and_finish, resume, save_curves, training_batches
 from blip.tracking.runs import StageRun
 from blip.training.distributed import setup, teardown
 from blip.training.loop import Trainer
@@ -55,11 +54,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                max_length=max_length, return_tensors="pt").to(ctx.device)  # fmt: skip
             return {"loss": forward(batch["image"].to(ctx.device), tokens.input_ids, tokens.attention_mask)}
 
-        with stage_run("caption", params, run_id=trainer.run_id) as run:
-            trainer.run_id = trainer.run_id or run.run_id
-            trainer.fit(batches, compute, run, samples_per_step=cfg.batch_size)
-            if ctx.is_main:
-                finish(params, trainer, tokenizer, run)
+        fit_and_finish(
+            "caption", params, trainer, batches, compute, lambda run: finish(params, trainer, tokenizer, run)
+        )
     finally:
         teardown()
     return 0

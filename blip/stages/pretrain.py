@@ -22,8 +22,7 @@ from blip.models.checkpoint import save_weights
 from blip.models.contrastive import ramped_alpha
 from blip.models.factory import build_model
 from blip.stages.common import parse_stage_args, stage_parser, write_metrics
-from blip.stages.training import resume, save_curves, training_batches
-from blip.tracking import stage_run
+from blip.stages.training import fit_and_finish, resume, save_curves, training_batches
 from blip.tracking.runs import StageRun
 from blip.training.distributed import setup, teardown
 from blip.training.loop import Trainer
@@ -58,11 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                           image_ids(batch["record"], ctx.device))  # fmt: skip
             return {"loss": out.loss, "itc": out.itc, "itm": out.itm, "lm": out.lm, "itc_accuracy": out.itc_accuracy}
 
-        with stage_run("pretrain", params, run_id=trainer.run_id) as run:
-            trainer.run_id = trainer.run_id or run.run_id
-            trainer.fit(batches, compute, run, samples_per_step=cfg.batch_size)
-            if ctx.is_main:
-                finish(params, trainer, tokenizer, run)
+        fit_and_finish(
+            "pretrain", params, trainer, batches, compute, lambda run: finish(params, trainer, tokenizer, run)
+        )
     finally:
         teardown()
     return 0

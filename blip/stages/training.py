@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import webdataset as wds
@@ -11,10 +12,11 @@ from blip.config.schema import AugmentConfig, TrainConfig
 from blip.data.loader import make_loader, train_pipeline
 from blip.data.shards import shard_urls
 from blip.data.transforms import train_transform
+from blip.tracking import stage_run
 from blip.tracking.plots import plot_history, write_history_csv
 from blip.tracking.runs import StageRun
 from blip.training.distributed import DistContext
-from blip.training.loop import Trainer
+from blip.training.loop import Compute, Trainer
 
 PLOTS = Path("plots")
 
@@ -49,3 +51,15 @@ def save_curves(stage: str, trainer: Trainer, run: StageRun, title: str) -> None
     for artifact in (write_history_csv(trainer.history, PLOTS / f"{stage}.csv"),
                      plot_history(trainer.history, PLOTS / f"{stage}.png", title)):  # fmt: skip
         run.log_artifact(artifact)
+
+
+def fit_and_finish(
+    stage: str, params: Params, trainer: Trainer, batches: wds.WebLoader, compute: Compute,
+    finish: Callable[[StageRun], None],
+) -> None:  # fmt: skip
+    """Train inside the stage's MLflow run (the same run again after a resume), then rank 0 runs `finish`."""
+    with stage_run(stage, params, run_id=trainer.run_id) as run:
+        trainer.run_id = trainer.run_id or run.run_id
+        trainer.fit(batches, compute, run, samples_per_step=trainer.cfg.batch_size)
+        if trainer.ctx.is_main:
+            finish(run)
