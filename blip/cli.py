@@ -15,6 +15,11 @@ COMMANDS = {
     "vocab": ("blip.stages.vocab", "fit a WordPiece vocabulary to the training text"),
     "pretrain": ("blip.stages.pretrain", "BLIP pretraining (ITC + ITM + LM); torchrun for DDP"),
     "caption-finetune": ("blip.stages.caption", "fine-tune and evaluate the captioner"),
+    "retrieval-finetune": ("blip.stages.retrieval", "fine-tune and evaluate image-text retrieval"),
+    "retrieval-zeroshot": ("blip.stages.retrieval:zeroshot_main", "retrieval evaluation of the pretrained model"),
+    "vqa-finetune": ("blip.stages.vqa", "fine-tune and evaluate VQA (ranking and generation)"),
+    "nlvr-finetune": ("blip.stages.nlvr", "fine-tune and evaluate NLVR2"),
+    "capfilt": ("blip.stages.capfilt", "CapFilt: caption and filter the web pairs into new shards"),
     "config": ("blip.stages.show_config", "print the validated configuration"),
     "caption": ("blip.commands:caption_main", "caption images with trained or official weights"),
     "itm": ("blip.commands:itm_main", "ITM probability and ITC similarity of texts with an image"),
@@ -25,7 +30,7 @@ COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        lines = [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+        lines = [f"  {name:<20} {help_}" for name, (_, help_) in COMMANDS.items()]
         print("usage: blip <command> [options]\n\ncommands:\n" + "\n".join(lines), file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     module_name, _, function = COMMANDS[argv[0]][0].partition(":")

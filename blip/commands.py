@@ -17,11 +17,9 @@ from transformers import PreTrainedTokenizer
 
 from blip.config import load_params
 from blip.config.schema import ModelConfig
-from blip.data.tokenizer import load_tokenizer
 from blip.data.transforms import eval_transform
-from blip.models.checkpoint import load_official, read_state_dict, stored_config
 from blip.models.export_hf import HF_CLASSES, export_hf
-from blip.models.factory import build_model
+from blip.models.factory import load_trained
 from blip.models.generation import GenerationConfig
 from blip.stages.common import stage_parser
 
@@ -35,13 +33,7 @@ def _parser(command: str, description: str) -> argparse.ArgumentParser:
 def _load(task: str, args: argparse.Namespace) -> tuple[nn.Module, ModelConfig, PreTrainedTokenizer]:
     """(model holding the file's weights, its config, the tokenizer)."""
     params = load_params(args.params, args.overrides)
-    state = read_state_dict(args.weights)
-    cfg, tokenizer_name = stored_config(args.weights) or (params.model, params.tokenizer.name)
-    cfg = cfg.model_copy(update={"vit_init": None, "bert_init": None})  # the file holds every weight
-    tokenizer = load_tokenizer(tokenizer_name)
-    queue = state["image_queue"].shape[1] if "image_queue" in state else 256
-    model = build_model(task, cfg, tokenizer, queue_size=queue)
-    load_official(model, state)
+    model, tokenizer = load_trained(task, args.weights, params.model, params.tokenizer.name)
     return model.eval(), model.model_config, tokenizer
 
 

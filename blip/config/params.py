@@ -23,7 +23,6 @@ from pydantic_settings import (
 )
 
 from blip.config.schema import (
-    CaptionFinetuneConfig,
     DataConfig,
     IngestConfig,
     ModelConfig,
@@ -31,6 +30,14 @@ from blip.config.schema import (
     TokenizerConfig,
     VocabConfig,
     WorldConfig,
+)
+from blip.config.tasks import (
+    CapfiltConfig,
+    CaptionFinetuneConfig,
+    NlvrFinetuneConfig,
+    RetrievalFinetuneConfig,
+    VqaFinetuneConfig,
+    ZeroShotConfig,
 )
 
 ENV_PREFIX = "BLIP__"
@@ -54,7 +61,14 @@ class Params(BaseSettings):
     tokenizer: TokenizerConfig = TokenizerConfig()
     model: ModelConfig = ModelConfig()
     pretrain: PretrainConfig = PretrainConfig()
+    repretrain: PretrainConfig = PretrainConfig(output=Path("models/repretrain.safetensors"),
+                                                checkpoint_dir=Path("checkpoints/repretrain"))  # fmt: skip
     caption: CaptionFinetuneConfig = CaptionFinetuneConfig()
+    retrieval: RetrievalFinetuneConfig = RetrievalFinetuneConfig()
+    retrieval_zeroshot: ZeroShotConfig = ZeroShotConfig()
+    vqa: VqaFinetuneConfig = VqaFinetuneConfig()
+    nlvr: NlvrFinetuneConfig = NlvrFinetuneConfig()
+    capfilt: CapfiltConfig = CapfiltConfig()
 
     @classmethod
     def settings_customise_sources(

@@ -239,10 +239,16 @@ class TrainConfig(Section):
     checkpoint_dir: Path = Path("checkpoints/pretrain")
     resume: Literal["auto", "never"] = "auto"
     output: Path = Path("models/pretrain.safetensors")
+    shard_root: Path | None = Field(None, description="where `splits` live; null = data.shard_root")
 
     @property
     def total_steps(self) -> int:
         return self.epochs * self.steps_per_epoch
+
+    @property
+    def name(self) -> str:
+        """The stage's name for its metrics, plots, reports and MLflow run: the output file's stem."""
+        return self.output.stem
 
     @model_validator(mode="after")
     def _batch_splits(self) -> TrainConfig:
@@ -277,19 +283,3 @@ class PretrainConfig(TrainConfig):
                 f"queue_size {self.queue_size} is not a multiple of the global batch_size {self.batch_size}"
             )
         return self
-
-
-class CaptionFinetuneConfig(TrainConfig):
-    """Captioning fine-tune (LM after the prompt "a picture of ") and its evaluation (BLIP: beam 3, max 20, min 5)."""
-
-    init: Path = Path("models/pretrain.safetensors")
-    splits: list[SplitName] = Field(["clean_train"], min_length=1)
-    eval_split: SplitName = "clean_test"
-    eval_images: int = Field(500, ge=1)
-    num_beams: int = Field(3, ge=1)
-    max_length: int = Field(20, ge=2, description="tokens, prompt included, as in BLIP")
-    min_length: int = Field(5, ge=1)
-    label_smoothing: float = Field(0.1, ge=0, lt=1)
-    gallery_images: int = Field(16, ge=0)
-    checkpoint_dir: Path = Path("checkpoints/caption")
-    output: Path = Path("models/caption.safetensors")

@@ -122,7 +122,7 @@ def ingest(params: Params, show_progress: bool = True) -> dict:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # the previous output stays as it was
         raise
-    _swap_in(staging, out_dir)
+    swap_in(staging, out_dir)
     return manifest
 
 
@@ -183,7 +183,7 @@ def _write_all(params: Params, staging: Path, show_progress: bool) -> dict:
     return manifest
 
 
-def _swap_in(staging: Path, out_dir: Path) -> None:
+def swap_in(staging: Path, out_dir: Path) -> None:
     """Replace `out_dir` by the finished `staging` folder (the old output is removed only afterwards)."""
     old = out_dir.parent / f".{out_dir.name}.old"
     shutil.rmtree(old, ignore_errors=True)

@@ -32,6 +32,7 @@ from torch.utils.data import get_worker_info
 
 log = logging.getLogger(__name__)
 Transform = Callable[[Image.Image], torch.Tensor]
+MAX_SKIPS_IN_A_ROW = 1000
 
 
 def _image(data: bytes, transform: Transform) -> torch.Tensor:
@@ -69,6 +70,10 @@ def decode_samples(src: Iterable[dict], kind: str, transform: Transform, train: 
         except (OSError, ValueError, KeyError, TypeError, IndexError, json.JSONDecodeError) as exc:
             skipped += 1
             log.warning("skipping corrupt sample %s: %s", sample.get("__key__"), exc)
+            if skipped >= MAX_SKIPS_IN_A_ROW:  # an endless training stream would otherwise spin forever
+                raise RuntimeError(f"{skipped} samples in a row failed to decode as {kind!r} (last: "
+                                   f"{sample.get('__key__')}: {exc!r}): wrong shards for this stage, or corrupt data"
+                                   ) from exc  # fmt: skip
             continue
         out["skipped"], skipped = skipped, 0
         out["stream"] = sample.get("__stream__")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import BinaryIO
@@ -63,3 +64,12 @@ def shard_urls(folder: Path) -> list[str]:
     if not urls:
         raise FileNotFoundError(f"no shards in {folder}: run `blip ingest` first")
     return urls
+
+
+def read_records(folder: Path) -> list[dict]:
+    """The json member (annotation record) of every sample of a split, in order, without decoding images."""
+    records = []
+    for url in shard_urls(folder):
+        for sample in wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples()):
+            records.append(json.loads(sample["json"]))
+    return records

@@ -7,9 +7,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizer
 
-from blip.data.loader import eval_pipeline, make_loader
-from blip.data.shards import shard_urls
-from blip.data.transforms import eval_transform
+from blip.eval.retrieval import load_pair_split
 from blip.models.contrastive import DualEncoder
 
 
@@ -36,24 +34,16 @@ def itc_recall(
     device: torch.device,
 ) -> dict[str, float]:
     """R@1 both ways over the first `max_images` images of a split and all their captions."""
-    images: list[torch.Tensor] = []
-    texts: list[str] = []
-    text_image: list[int] = []
-    for batch in make_loader(eval_pipeline(shard_urls(shard_dir), "pairs", eval_transform(image_size), 64), 0):
-        for image, captions in zip(batch.get("image", []), batch["text"], strict=False):
-            if len(images) == max_images:
-                break
-            texts += captions
-            text_image += [len(images)] * len(captions)
-            images.append(image)
+    split = load_pair_split(shard_dir, image_size, max_images)
+    texts = split.texts
     was_training = model.training
     model.eval()
-    image_feat = torch.cat([model.image_features(chunk.to(device))[1] for chunk in torch.stack(images).split(64)])
+    image_feat = torch.cat([model.image_features(chunk.to(device))[1] for chunk in split.images.split(64)])
     text_feat = []
     for start in range(0, len(texts), 256):
         tokens = tokenizer(texts[start : start + 256], padding="longest", truncation=True, max_length=max_length,
                            return_tensors="pt").to(device)  # fmt: skip
         text_feat.append(model.text_features(tokens.input_ids, tokens.attention_mask))
     model.train(was_training)
-    scores = recall_at_1((image_feat @ torch.cat(text_feat).T).float().cpu(), torch.tensor(text_image))
-    return scores | {"images": float(len(images)), "chance_r1": 1.0 / len(images)}
+    scores = recall_at_1((image_feat @ torch.cat(text_feat).T).float().cpu(), split.text_image)
+    return scores | {"images": float(len(split.image_ids)), "chance_r1": 1.0 / len(split.image_ids)}

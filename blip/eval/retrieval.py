@@ -5,14 +5,23 @@
 2. ITM re-ranks those k candidates in both directions; the final score is ITM logit (match) + ITC similarity,
    candidates outside the top k rank below all of them (BLIP fills them with -100).
 3. Recall@1/5/10 both ways: image->text counts the best-ranked of an image's captions.
+
+Under torchrun every rank computes the features (cheap) and re-ranks its own slice of the queries (the N x k
+ITM passes, the expensive part); the slices are gathered so that every rank holds the same result.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from transformers import PreTrainedTokenizer
 
+from blip.data.loader import eval_pipeline, make_loader
+from blip.data.shards import shard_urls
+from blip.data.transforms import eval_transform
 from blip.models.contrastive import DualEncoder
 
 
@@ -82,3 +91,84 @@ def recall_at_k(i2t: TopK, t2i: TopK, text_image: torch.Tensor, ks: tuple[int, .
     out["img_r_mean"] = sum(out[f"img_r{k}"] for k in ks) / len(ks)
     out["r_mean"] = (out["txt_r_mean"] + out["img_r_mean"]) / 2
     return out
+
+
+@dataclass
+class PairSplit:
+    """The first images of a split and all their captions; `text_image[t]` is the image caption t describes."""
+
+    images: torch.Tensor  # [N, 3, H, W]
+    image_ids: list[str]
+    texts: list[str]
+    text_image: torch.Tensor
+    scenes: list[dict | None]  # the synthetic world's truth per image, for measuring only (None elsewhere)
+
+
+def load_pair_split(shard_dir: Path, image_size: int, max_images: int) -> PairSplit:
+    images: list[torch.Tensor] = []
+    image_ids: list[str] = []
+    texts: list[str] = []
+    text_image: list[int] = []
+    scenes: list[dict | None] = []
+    for batch in make_loader(eval_pipeline(shard_urls(shard_dir), "pairs", eval_transform(image_size), 64), 0):
+        for image, record, captions in zip(batch.get("image", []), batch["record"], batch["text"], strict=False):
+            if len(images) == max_images:
+                break
+            texts += captions
+            text_image += [len(images)] * len(captions)
+            images.append(image)
+            image_ids.append(record["image_id"])
+            scenes.append(record.get("world", {}).get("scene"))
+    if len(images) < 2:
+        raise ValueError(f"{shard_dir}: retrieval needs at least 2 images, found {len(images)}")
+    return PairSplit(torch.stack(images), image_ids, texts, torch.tensor(text_image), scenes)
+
+
+def _rank_slice(rows: int) -> slice:
+    """This rank's contiguous share of `rows` query rows."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    return slice(rows * rank // world, rows * (rank + 1) // world)
+
+
+def _gather_rows(part: TopK) -> TopK:
+    if not dist.is_initialized():
+        return part
+    parts: list[TopK | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, part)
+    return TopK(torch.cat([p.indices for p in parts]), torch.cat([p.scores for p in parts]))
+
+
+@torch.no_grad()
+def evaluate_retrieval(
+    model: DualEncoder,
+    split: PairSplit,
+    tokenizer: PreTrainedTokenizer,
+    max_length: int,
+    k: int,
+    chunk: int,
+    itm_batch: int,
+    device: torch.device,
+) -> dict[str, tuple[TopK, TopK]]:
+    """(image->text, text->image) rankings of ITC alone and of ITC + ITM re-ranking (BLIP's reported numbers)."""
+    was_training = model.training
+    model.eval()
+    embeds, image_feat = [], []
+    for images in split.images.split(64):
+        tokens, feat = model.image_features(images.to(device))
+        embeds.append(tokens.cpu())  # all image tokens stay in host memory; ITM moves a batch at a time
+        image_feat.append(feat)
+    image_embeds, image_feat = torch.cat(embeds), torch.cat(image_feat)
+    tokens = tokenizer(split.texts, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+    text_feat = torch.cat([model.text_features(ids.to(device), mask.to(device))
+                           for ids, mask in zip(tokens.input_ids.split(256), tokens.attention_mask.split(256),
+                                                strict=True)])  # fmt: skip
+    i2t = chunked_topk(image_feat, text_feat, k, chunk)
+    t2i = chunked_topk(text_feat, image_feat, k, chunk)
+    reranked = []
+    for candidates, image_queries in ((i2t, True), (t2i, False)):
+        mine = _rank_slice(candidates.indices.shape[0])
+        part = itm_rerank(model, TopK(candidates.indices[mine], candidates.scores[mine]), image_embeds,
+                          tokens.input_ids, tokens.attention_mask, image_queries, itm_batch, device)  # fmt: skip
+        reranked.append(_gather_rows(part))
+    model.train(was_training)
+    return {"itc": (i2t, t2i), "itm": (reranked[0], reranked[1])}

@@ -9,6 +9,7 @@ dropped and reported; a missing or mis-shaped key of a part the model has is an 
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_model
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from blip.config.schema import ModelConfig
@@ -26,6 +27,7 @@ from blip.models.vit import resize_pos_embed
 POS_EMBED_KEYS = ("visual_encoder.pos_embed", "visual_encoder_m.pos_embed")
 CONFIG_METADATA = "blip.model_config"
 TOKENIZER_METADATA = "blip.tokenizer"
+TIED_METADATA = "blip.tied"  # stored name -> the other names of the same tensor
 
 
 class UnsafeCheckpointError(RuntimeError):
@@ -37,7 +39,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        state = load_file(str(path))
+        with safe_open(str(path), framework="pt") as handle:
+            tied = json.loads((handle.metadata() or {}).get(TIED_METADATA, "{}"))
+        # A tied tensor is stored once: every other name it has comes back, so any task model finds its keys.
+        return state | {alias: state[kept] for kept, aliases in tied.items() for alias in aliases}
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -105,12 +111,23 @@ def load_official(model: nn.Module, state: dict[str, torch.Tensor]) -> LoadRepor
 
 
 def save_weights(model: nn.Module, path: Path, tokenizer: str) -> Path:
-    """Weights as safetensors (tied tensors stored once), atomically, with the model's config and the tokenizer
-    it was trained with in the metadata. `model.model_config` is set by `blip.models.factory.build_model`."""
+    """Weights as safetensors, atomically, with the model's config and the tokenizer it was trained with in the
+    metadata. A tied tensor (the decoder's layers shared with the encoder, the LM head) is stored once under its
+    first name, its other names listed in the metadata. `model.model_config` is set by `build_model`."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    state: dict[str, torch.Tensor] = {}
+    tied: dict[str, list[str]] = {}
+    first_name: dict[int, str] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        kept = first_name.setdefault(id(tensor), name)
+        if kept == name:
+            state[name] = tensor.detach().contiguous()
+        else:
+            tied.setdefault(kept, []).append(name)
+    metadata = {CONFIG_METADATA: model.model_config.model_dump_json(), TOKENIZER_METADATA: tokenizer,
+                TIED_METADATA: json.dumps(tied)}  # fmt: skip
     partial = path.with_name(path.name + ".partial")
-    metadata = {CONFIG_METADATA: model.model_config.model_dump_json(), TOKENIZER_METADATA: tokenizer}
-    save_model(model, str(partial), metadata=metadata)
+    save_file(state, str(partial), metadata=metadata)
     os.replace(partial, path)
     return path
 

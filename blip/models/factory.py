@@ -7,12 +7,15 @@ cross-attention starts fresh, since BERT has none (its key/value width is the vi
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from torch import nn
 from transformers import BertModel, PreTrainedTokenizer
 
 from blip.config.schema import ModelConfig
-from blip.data.tokenizer import SpecialTokens
+from blip.data.tokenizer import SpecialTokens, load_tokenizer
 from blip.models.caption import PROMPT, BlipCaptioner
+from blip.models.checkpoint import load_official, read_state_dict, stored_config
 from blip.models.contrastive import copy_to_momentum
 from blip.models.med import MED
 from blip.models.nlvr import BlipNLVR, NlvrEncoder
@@ -90,3 +93,18 @@ def load_bert_weights(med: MED | NlvrEncoder, bert: BertModel, source: str) -> N
             value = value[: own[key].shape[0]]
         loaded[key] = value
     med.load_state_dict(loaded, strict=False)
+
+
+def load_trained(
+    task: str, weights: Path, cfg: ModelConfig, tokenizer_name: str
+) -> tuple[nn.Module, PreTrainedTokenizer]:
+    """A `task` model holding a weights file: our safetensors (config and tokenizer inside) or an official-layout
+    file (then `cfg` and `tokenizer_name` describe it). Parts of other tasks in the file are dropped."""
+    state = read_state_dict(weights)
+    cfg, tokenizer_name = stored_config(weights) or (cfg, tokenizer_name)
+    cfg = cfg.model_copy(update={"vit_init": None, "bert_init": None})  # the file holds every weight
+    tokenizer = load_tokenizer(tokenizer_name)
+    queue = state["image_queue"].shape[1] if "image_queue" in state else 0
+    model = build_model(task, cfg, tokenizer, queue_size=queue)
+    load_official(model, state)
+    return model, tokenizer

@@ -8,6 +8,7 @@ Evaluation on `caption.eval_split`: beam search, COCO-format results JSON, BLEU-
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -16,21 +17,18 @@ import torch
 from transformers import PreTrainedTokenizer
 
 from blip.config import Params
-from blip.data.tokenizer import load_tokenizer
+from blip.data.shards import read_records
 from blip.eval.caption_metrics import caption_scores
 from blip.eval.captioning import caption_gallery, caption_split
 from blip.models.caption import PROMPT
-from blip.models.checkpoint import load_official, read_state_dict, save_weights
-from blip.models.factory import build_model
+from blip.models.checkpoint import save_weights
 from blip.models.generation import GenerationConfig
 from blip.stages.common import parse_stage_args, stage_parser, write_metrics
-from blip.stages.training import fit_and_finish, resume, save_curves, training_batches
+from blip.stages.training import finetune_model, fit_and_finish, resume, save_curves, training_batches
 from blip.tracking.runs import StageRun
 from blip.training.distributed import setup, teardown
 from blip.training.loop import Trainer
 from blip.training.optim import cosine_lr
-
-REPORTS = Path("reports/caption")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -38,15 +36,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = params.caption
     ctx = setup()
     try:
-        torch.use_deterministic_algorithms(cfg.deterministic)
-        torch.manual_seed(cfg.seed)
-        tokenizer = load_tokenizer(params.tokenizer.name)
-        model = build_model("caption", params.model, tokenizer, label_smoothing=cfg.label_smoothing)
-        load_official(model, read_state_dict(cfg.init))  # keeps the image encoder and the decoder
-        torch.manual_seed(cfg.seed + 1_000 * ctx.rank)
+        # keeps the image encoder and the decoder of the pretrained weights
+        model, tokenizer = finetune_model("caption", params, cfg, ctx, label_smoothing=cfg.label_smoothing)
         trainer = Trainer(cfg, model, ctx, partial(cosine_lr, cfg))
-        resume("caption", trainer, cfg)
-        batches = training_batches("caption", params, cfg, cfg.splits, params.data.finetune_augment, trainer)
+        resume(cfg.name, trainer, cfg)
+        batches = training_batches(cfg.name, params, cfg, cfg.splits, params.data.finetune_augment, trainer)
         max_length = params.tokenizer.max_length
 
         def compute(forward: torch.nn.Module, batch: dict, step: int) -> dict[str, torch.Tensor]:
@@ -54,12 +48,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                                max_length=max_length, return_tensors="pt").to(ctx.device)  # fmt: skip
             return {"loss": forward(batch["image"].to(ctx.device), tokens.input_ids, tokens.attention_mask)}
 
-        fit_and_finish(
-            "caption", params, trainer, batches, compute, lambda run: finish(params, trainer, tokenizer, run)
-        )
+        fit_and_finish(cfg.name, params, trainer, batches, compute, lambda run: finish(params, trainer, tokenizer, run))
     finally:
         teardown()
     return 0
+
+
+def most_frequent_caption(shard_root: Path, splits: list[str]) -> str:
+    counts = Counter(c for split in splits for r in read_records(shard_root / split) for c in r["captions"])
+    return counts.most_common(1)[0][0]
 
 
 def finish(params: Params, trainer: Trainer, tokenizer: PreTrainedTokenizer, run: StageRun) -> None:
@@ -71,15 +68,20 @@ def finish(params: Params, trainer: Trainer, tokenizer: PreTrainedTokenizer, run
     )  # fmt: skip
     scores = caption_scores(predictions, references)
     numeric = {k: v for k, v in scores.items() if isinstance(v, float)}
+    # The trivial baseline: the most frequent training caption, given for every image.
+    constant = most_frequent_caption(params.data.shard_root, cfg.splits)
+    baseline = caption_scores(dict.fromkeys(predictions, constant), references)
+    numeric |= {f"constant_{k}": baseline[k] for k in ("BLEU_4", "CIDEr")}
     metrics = {**numeric, "images": len(predictions), "loss": trainer.history[-1]["loss"]}
     metrics |= {k: v for k, v in scores.items() if isinstance(v, str)}  # SPICE's reason, never a number
     run.log_metrics(numeric, step=trainer.step)
-    REPORTS.mkdir(parents=True, exist_ok=True)
-    results = REPORTS / "results.json"
+    reports = Path("reports") / cfg.name
+    reports.mkdir(parents=True, exist_ok=True)
+    results = reports / "results.json"
     results.write_text(json.dumps([{"image_id": i, "caption": c} for i, c in predictions.items()], indent=1))
-    gallery = caption_gallery(predictions, references, pixels, REPORTS / "gallery.png", cfg.gallery_images)
+    gallery = caption_gallery(predictions, references, pixels, reports / "gallery.png", cfg.gallery_images)
     weights = save_weights(trainer.model, cfg.output, params.tokenizer.name)
-    save_curves("caption", trainer, run, "caption fine-tune (LM)")
-    for artifact in (write_metrics("caption", metrics), results, gallery, weights):
+    save_curves(cfg.name, trainer, run, "caption fine-tune (LM)")
+    for artifact in (write_metrics(cfg.name, metrics), results, gallery, weights):
         run.log_artifact(artifact)
-    print("caption: " + ", ".join(f"{k}={v:.4g}" for k, v in numeric.items()))
+    print(f"{cfg.name}: " + ", ".join(f"{k}={v:.4g}" for k, v in numeric.items()))

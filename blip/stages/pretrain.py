@@ -1,8 +1,10 @@
-"""`blip pretrain`: BLIP pretraining (ITC + ITM + LM) on the ingested web + human-annotated shards.
+"""`blip pretrain`: BLIP pretraining (ITC + ITM + LM) on the ingested web + human-annotated shards;
+`blip pretrain --section repretrain`: the same on the CapFilt-bootstrapped shards.
 
 Runs in one process (`python -m blip pretrain`) or under `torchrun` (DDP). Resumable checkpoints live in
-`pretrain.checkpoint_dir`, outside the DVC output, so `dvc repro` never deletes them; the only DVC output is
-the final weights file. Writes metrics/pretrain.json and the training curves (plots/pretrain.csv, .png).
+`<section>.checkpoint_dir`, outside the DVC output, so `dvc repro` never deletes them; the only DVC output is
+the final weights file. Writes metrics/<name>.json and the training curves (plots/<name>.csv, .png), where
+<name> is the output file's stem.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import yaml
 from transformers import PreTrainedTokenizer
 
 from blip.config import Params
+from blip.config.schema import PretrainConfig
 from blip.data.tokenizer import load_tokenizer
 from blip.eval.itc import itc_recall
 from blip.models.checkpoint import save_weights
@@ -28,6 +31,8 @@ from blip.training.distributed import setup, teardown
 from blip.training.loop import Trainer
 from blip.training.optim import pretrain_lr
 
+PRETRAIN_SECTIONS = ("pretrain", "repretrain")
+
 
 def image_ids(records: list[dict], device: torch.device) -> torch.Tensor:
     """Stable integer ids from the records' image ids (captions of one image share one)."""
@@ -35,8 +40,11 @@ def image_ids(records: list[dict], device: torch.device) -> torch.Tensor:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    _, params = parse_stage_args(stage_parser("pretrain", __doc__ or ""), argv)
-    cfg, data = params.pretrain, params.data
+    parser = stage_parser("pretrain", __doc__ or "")
+    parser.add_argument("--section", choices=PRETRAIN_SECTIONS, default="pretrain",
+                        help="params section to run: pretrain, or repretrain on the CapFilt shards")  # fmt: skip
+    args, params = parse_stage_args(parser, argv)
+    cfg, data = getattr(params, args.section), params.data
     ctx = setup()
     try:
         torch.use_deterministic_algorithms(cfg.deterministic)
@@ -45,8 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = build_model("pretrain", params.model, tokenizer, cfg.queue_size, cfg.momentum, cfg.label_smoothing)
         torch.manual_seed(cfg.seed + 1_000 * ctx.rank)  # then each rank its own dropout / negatives
         trainer = Trainer(cfg, model, ctx, partial(pretrain_lr, cfg))
-        resume("pretrain", trainer, cfg)
-        batches = training_batches("pretrain", params, cfg, cfg.splits, data.pretrain_augment, trainer)
+        resume(cfg.name, trainer, cfg)
+        batches = training_batches(cfg.name, params, cfg, cfg.splits, data.pretrain_augment, trainer)
         max_length = params.tokenizer.max_length
 
         def compute(forward: torch.nn.Module, batch: dict, step: int) -> dict[str, torch.Tensor]:
@@ -58,16 +66,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             return {"loss": out.loss, "itc": out.itc, "itm": out.itm, "lm": out.lm, "itc_accuracy": out.itc_accuracy}
 
         fit_and_finish(
-            "pretrain", params, trainer, batches, compute, lambda run: finish(params, trainer, tokenizer, run)
+            cfg.name, params, trainer, batches, compute, lambda run: finish(params, cfg, trainer, tokenizer, run)
         )
     finally:
         teardown()
     return 0
 
 
-def finish(params: Params, trainer: Trainer, tokenizer: PreTrainedTokenizer, run: StageRun) -> None:
+def finish(
+    params: Params, cfg: PretrainConfig, trainer: Trainer, tokenizer: PreTrainedTokenizer, run: StageRun
+) -> None:
     """Rank 0, after training: held-out ITC recall, final weights, metrics, curves, MLflow artifacts."""
-    cfg = params.pretrain
     model = trainer.model
     metrics = {k: v for k, v in trainer.history[-1].items() if k != "samples_per_s"} if trainer.history else {}
     if cfg.eval_split:
@@ -76,10 +85,10 @@ def finish(params: Params, trainer: Trainer, tokenizer: PreTrainedTokenizer, run
         metrics |= {f"eval_{k}": v for k, v in recall.items()}
         run.log_metrics({f"eval_{k}": v for k, v in recall.items()}, step=trainer.step)
     weights = save_weights(model, cfg.output, params.tokenizer.name)
-    path = write_metrics("pretrain", metrics)
-    save_curves("pretrain", trainer, run, "pretrain (ITC + ITM + LM)")
+    path = write_metrics(cfg.name, metrics)
+    save_curves(cfg.name, trainer, run, f"{cfg.name} (ITC + ITM + LM)")
     run.log_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False), "config.yaml")
     for artifact in (path, weights):
         run.log_artifact(artifact)
     summary = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
-    print(f"pretrain: {trainer.step} steps, weights {weights}, {summary}")
+    print(f"{cfg.name}: {trainer.step} steps, weights {weights}, {summary}")

@@ -4,14 +4,22 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import torch
 import webdataset as wds
+from torch import nn
+from transformers import PreTrainedTokenizer
 
 from blip.config import ConfigError, Params
 from blip.config.schema import AugmentConfig, TrainConfig
+from blip.config.tasks import FinetuneConfig
 from blip.data.loader import make_loader, train_pipeline
 from blip.data.shards import shard_urls
+from blip.data.tokenizer import load_tokenizer
 from blip.data.transforms import train_transform
+from blip.models.checkpoint import load_official, read_state_dict
+from blip.models.factory import build_model
 from blip.tracking import stage_run
 from blip.tracking.plots import plot_history, write_history_csv
 from blip.tracking.runs import StageRun
@@ -36,12 +44,14 @@ def resume(stage: str, trainer: Trainer, cfg: TrainConfig) -> None:
 
 
 def training_batches(
-    stage: str, params: Params, cfg: TrainConfig, splits: list[str], augment: AugmentConfig, trainer: Trainer
-) -> wds.WebLoader:
-    """The resumable training stream over `splits`, continuing from the trainer's data position."""
-    urls = [url for split in splits for url in shard_urls(params.data.shard_root / split)]
+    stage: str, params: Params, cfg: TrainConfig, splits: list[str], augment: AugmentConfig, trainer: Trainer,
+    kind: str = "pairs",
+) -> wds.WebLoader:  # fmt: skip
+    """The resumable training stream over `splits` (samples of `kind`), continuing from the trainer's position."""
+    root = cfg.shard_root or params.data.shard_root
+    urls = [url for split in splits for url in shard_urls(root / split)]
     transform = train_transform(params.model.image_size, augment)
-    pipeline = train_pipeline(urls, "pairs", transform, per_rank_batch(stage, cfg, trainer.ctx), seed=cfg.seed,
+    pipeline = train_pipeline(urls, kind, transform, per_rank_batch(stage, cfg, trainer.ctx), seed=cfg.seed,
                               rank=trainer.ctx.rank, shuffle_buffer=params.data.shuffle_buffer,
                               resume=trainer.position)  # fmt: skip
     return make_loader(pipeline, params.data.num_workers)
@@ -53,13 +63,32 @@ def save_curves(stage: str, trainer: Trainer, run: StageRun, title: str) -> None
         run.log_artifact(artifact)
 
 
+def finetune_model(
+    task: str, params: Params, cfg: FinetuneConfig, ctx: DistContext, **build: Any
+) -> tuple[nn.Module, PreTrainedTokenizer]:
+    """The task model built from the config (same initial weights on every rank) with `cfg.init` loaded, then
+    each rank seeded apart (dropout, negatives)."""
+    torch.use_deterministic_algorithms(cfg.deterministic)
+    torch.manual_seed(cfg.seed)
+    tokenizer = load_tokenizer(params.tokenizer.name)
+    model = build_model(task, params.model, tokenizer, **build)
+    report = load_official(model, read_state_dict(cfg.init))
+    if ctx.is_main:
+        print(f"{cfg.name}: initialised from {cfg.init}; fresh: {', '.join(report.initialised) or 'nothing'}")
+    torch.manual_seed(cfg.seed + 1_000 * ctx.rank)
+    return model, tokenizer
+
+
 def fit_and_finish(
     stage: str, params: Params, trainer: Trainer, batches: wds.WebLoader, compute: Compute,
-    finish: Callable[[StageRun], None],
+    finish: Callable[[StageRun], None], evaluate: Callable[[], None] | None = None,
 ) -> None:  # fmt: skip
-    """Train inside the stage's MLflow run (the same run again after a resume), then rank 0 runs `finish`."""
+    """Train inside the stage's MLflow run (the same run again after a resume), then every rank runs `evaluate`
+    (evaluations that split work across ranks) and rank 0 runs `finish`."""
     with stage_run(stage, params, run_id=trainer.run_id) as run:
         trainer.run_id = trainer.run_id or run.run_id
         trainer.fit(batches, compute, run, samples_per_step=trainer.cfg.batch_size)
+        if evaluate:
+            evaluate()
         if trainer.ctx.is_main:
             finish(run)

@@ -39,3 +39,22 @@ def plot_history(history: list[dict[str, float]], path: Path, title: str) -> Pat
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
+
+
+def plot_recall(curves: dict[str, dict[str, float]], chance_r1: float, path: Path, title: str) -> Path:
+    """Recall@K (K = 1, 5, 10) of each method, image->text and text->image, with the chance level at K=1."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ks = (1, 5, 10)
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for axis, (prefix, direction) in zip(axes, (("txt", "image -> text"), ("img", "text -> image")), strict=True):
+        for label, recall in curves.items():
+            axis.plot(ks, [recall[f"{prefix}_r{k}"] for k in ks], marker="o", label=label)
+        axis.axhline(chance_r1, color="grey", linestyle="--", label="chance R@1")
+        axis.set(xlabel="K", xticks=ks, title=f"{title}: {direction}", ylim=(0, 100))
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("recall@K (%)")
+    axes[0].legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path

@@ -94,6 +94,13 @@ def test_train_stream_resamples_with_full_batches(tmp_path: Path) -> None:
     assert len(ids) > 12  # the stream goes around the shards, not stuck on one
 
 
+def test_train_stream_of_undecodable_samples_fails_instead_of_spinning(tmp_path: Path) -> None:
+    urls = write_pairs(tmp_path, 12, 6)
+    pipeline = train_pipeline(urls, "vqa", EVAL, 4, shuffle_buffer=0)  # caption shards read as VQA: no question
+    with pytest.raises(RuntimeError, match=r"1000 samples in a row failed to decode as 'vqa'.*KeyError\('question'"):
+        next(iter(make_loader(pipeline, 0)))
+
+
 def test_train_stream_is_deterministic_per_seed(tmp_path: Path) -> None:
     urls = write_pairs(tmp_path, 24, 6)
 

@@ -1,0 +1,97 @@
+"""VQA evaluation: answer a split's questions by ranking over an answer list or by generation, score with the
+official VQA accuracy, and the trivial baselines any model must beat (one answer for all, a per-type prior)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import mean
+
+import torch
+from transformers import PreTrainedTokenizer
+
+from blip.data.loader import eval_pipeline, make_loader
+from blip.data.shards import read_records, shard_urls
+from blip.data.transforms import eval_transform
+from blip.eval.vqa_accuracy import normalize_answer, vqa_accuracy
+from blip.models.generation import GenerationConfig
+from blip.models.vqa import BlipVQA
+
+
+@dataclass
+class Question:
+    question_id: int
+    question: str
+    answers: list[str]  # the annotators' answers
+
+
+def question_type(question: str) -> str:
+    """The question's first two words ("how many", "is there", "what color"): the prior baseline's key."""
+    return " ".join(question.lower().split()[:2])
+
+
+def read_questions(shard_dir: Path) -> list[Question]:
+    return [Question(r["question_id"], r["question"], r["answers"]) for r in read_records(shard_dir)]
+
+
+def answer_list(train: list[Question]) -> list[str]:
+    """Every distinct (normalised) training answer, most frequent first: BLIP ranks over such a list."""
+    counts = Counter(normalize_answer(a) for q in train for a in q.answers)
+    return [answer for answer, _ in counts.most_common()]
+
+
+def baselines(train: list[Question], test: list[Question]) -> dict[str, float]:
+    """VQA accuracy of the majority training answer, and of the majority answer per question type."""
+    overall = Counter(normalize_answer(a) for q in train for a in q.answers).most_common(1)[0][0]
+    by_type: dict[str, Counter] = {}
+    for q in train:
+        by_type.setdefault(question_type(q.question), Counter()).update(normalize_answer(a) for a in q.answers)
+
+    def prior(q: Question) -> str:
+        counts = by_type.get(question_type(q.question))
+        return counts.most_common(1)[0][0] if counts else overall
+
+    return {
+        "majority_answer_accuracy": 100.0 * mean(vqa_accuracy(overall, q.answers) for q in test),
+        "type_prior_accuracy": 100.0 * mean(vqa_accuracy(prior(q), q.answers) for q in test),
+    }
+
+
+@torch.no_grad()
+def answer_split(
+    model: BlipVQA,
+    shard_dir: Path,
+    tokenizer: PreTrainedTokenizer,
+    image_size: int,
+    max_length: int,
+    answers: list[str],
+    mode: str,
+    k: int,
+    generation: GenerationConfig,
+    max_questions: int,
+    device: torch.device,
+) -> dict[int, str]:
+    """question_id -> predicted answer, by `mode` "rank" (over `answers`) or "generate"."""
+    was_training = model.training
+    model.eval()
+    answer_tokens = tokenizer(answers, padding="longest", return_tensors="pt").to(device)
+    predictions: dict[int, str] = {}
+    for batch in make_loader(eval_pipeline(shard_urls(shard_dir), "vqa", eval_transform(image_size), 64), 0):
+        keep = min(len(batch["key"]), max_questions - len(predictions))
+        if keep <= 0 or "image" not in batch:
+            break
+        question = tokenizer(batch["text"][:keep], padding="longest", truncation=True, max_length=max_length,
+                             return_tensors="pt").to(device)  # fmt: skip
+        images = batch["image"][:keep].to(device)
+        if mode == "rank":
+            best = model.rank_answers(images, question.input_ids, question.attention_mask, answer_tokens.input_ids,
+                                      answer_tokens.attention_mask, k)  # fmt: skip
+            texts = [answers[i] for i in best.tolist()]
+        else:
+            generated = model.generate(images, question.input_ids, question.attention_mask, generation)
+            texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
+        for record, text in zip(batch["record"], texts, strict=False):
+            predictions[record["question_id"]] = text
+    model.train(was_training)
+    return predictions

@@ -1,0 +1,146 @@
+"""Task evaluation: the retrieval pipeline equals brute force and splits over ranks; VQA weighting and
+baselines; NLVR2 accuracy."""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from blip.data import language
+from blip.data.scene import sample_scene
+from blip.data.tokenizer import load_tokenizer
+from blip.eval.answering import Question, answer_list, baselines, question_type
+from blip.eval.filter_quality import removal_quality, roc_auc
+from blip.eval.retrieval import PairSplit, TopK, evaluate_retrieval, recall_at_k
+from blip.eval.world import semantic_recall_at_1
+from blip.models.factory import build_model
+from blip.stages.capfilt import keep
+from blip.stages.nlvr import accuracy
+from blip.stages.vqa import weighted_answers
+from tests.conftest import TINY_BERT
+from tests.unit.test_retrieval_eval import brute_force
+
+CPU = torch.device("cpu")
+TEXTS = ["a red circle", "a blue square", "two green triangles", "a red square above a blue circle",
+         "a yellow circle", "three shapes", "a purple triangle", "a blue circle left of a red square"]  # fmt: skip
+
+
+def _model_and_split() -> tuple[torch.nn.Module, PairSplit]:
+    torch.manual_seed(0)
+    model = build_model("retrieval", TINY_BERT, load_tokenizer("bert-base-uncased-offline"), queue_size=0).eval()
+    images = torch.randn(4, 3, TINY_BERT.image_size, TINY_BERT.image_size)
+    return model, PairSplit(
+        images, [f"i{n}" for n in range(4)], TEXTS, torch.arange(4).repeat_interleave(2), [None] * 4
+    )
+
+
+def _evaluate(model: torch.nn.Module, split: PairSplit, k: int) -> dict[str, dict[str, float]]:
+    tokenizer = load_tokenizer("bert-base-uncased-offline")
+    rankings = evaluate_retrieval(model, split, tokenizer, 35, k=k, chunk=3, itm_batch=5, device=CPU)
+    return {name: recall_at_k(*pair, split.text_image) for name, pair in rankings.items()}
+
+
+@torch.no_grad()
+def test_retrieval_with_every_candidate_equals_brute_force_itm_plus_itc() -> None:
+    model, split = _model_and_split()
+    ours = _evaluate(model, split, k=len(TEXTS))
+    tokens = load_tokenizer("bert-base-uncased-offline")(TEXTS, padding="longest", return_tensors="pt")
+    embeds, image_feat = model.image_features(split.images)
+    itc = image_feat @ model.text_features(tokens.input_ids, tokens.attention_mask).T
+    itm = torch.stack([model.itm_logits(embeds[i : i + 1].expand(len(TEXTS), -1, -1), tokens.input_ids,
+                                        tokens.attention_mask)[:, 1] for i in range(4)])  # fmt: skip
+    expected = brute_force((itm + itc).numpy(), split.text_image.numpy())
+    itc_only = brute_force(itc.numpy(), split.text_image.numpy())
+    for name in expected:
+        assert ours["itm"][name] == pytest.approx(expected[name], abs=1e-9), name
+        assert ours["itc"][name] == pytest.approx(itc_only[name], abs=1e-9), name
+
+
+def _rank_worker(rank: int, port: int, results: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        model, split = _model_and_split()
+        results[rank] = _evaluate(model, split, k=3)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_retrieval_split_over_two_ranks_equals_one_process() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_rank_worker, args=(port, results), nprocs=2, join=True)
+    single = _evaluate(*_model_and_split(), k=3)
+    assert results[0] == results[1] == single
+    assert single["itm"] != single["itc"]  # re-ranking did something, so the comparison means something
+
+
+def test_vqa_answers_weighted_by_annotator_share() -> None:
+    records = [{"answers": ["2"] * 6 + ["3"] * 3 + ["two"]}, {"answers": ["yes"] * 10}]
+    answers, per_question, weights = weighted_answers(records)
+    assert answers == ["2", "3", "two", "yes"] and per_question == [3, 1]
+    assert np.allclose(weights, [0.6, 0.3, 0.1, 1.0])
+
+
+def test_vqa_baselines_and_answer_list() -> None:
+    train = [Question(1, "is there a red circle?", ["yes"] * 10),
+             Question(2, "is there a blue square?", ["yes"] * 5 + ["no"] * 5),
+             Question(3, "how many shapes are there?", ["two"] * 10), Question(4, "how many red shapes?", ["0"] * 10),
+             Question(5, "how many blue shapes?", ["2"] * 10)]  # fmt: skip
+    test = [Question(6, "is there a green circle?", ["no"] * 10), Question(7, "how many shapes are there?", ["2"] * 10)]
+    assert question_type("How many red shapes?") == "how many"
+    assert answer_list(train) == ["2", "yes", "0", "no"]  # "two" normalises to "2"; most frequent first
+    # majority "2" is right for question 7 only; the per-type prior answers "yes" (wrong) and "2" (right)
+    assert baselines(train, test) == {"majority_answer_accuracy": 50.0, "type_prior_accuracy": 50.0}
+    test[0] = Question(6, "is there a green circle?", ["yes"] * 10)
+    assert baselines(train, test) == {"majority_answer_accuracy": 50.0, "type_prior_accuracy": 100.0}
+
+
+def test_nlvr_accuracy() -> None:
+    truth = {"a": True, "b": False, "c": True, "d": False}
+    assert accuracy({"a": True, "b": False, "c": False, "d": True}, truth) == 50.0
+    assert accuracy(dict(truth), truth) == 100.0
+    assert accuracy(dict.fromkeys(truth, True), truth) == 50.0
+    with pytest.raises(ValueError, match="no prediction"):
+        accuracy({"a": True}, truth)
+
+
+def test_semantic_recall_counts_captions_true_of_the_image() -> None:
+    rng = random.Random(0)
+    scenes = [sample_scene(rng, 3) for _ in range(6)]
+    texts = [language.to_text(language.true_meanings(s, rng, short=True)[0]) for s in scenes]
+    truth = torch.tensor([[language.is_true(t, s) for t in texts] for s in scenes])
+    own = TopK(torch.arange(6)[:, None], torch.zeros(6, 1))
+    as_json = [s.to_json() for s in scenes]
+    perfect = semantic_recall_at_1(own, own, texts, as_json)
+    assert perfect["semantic_txt_r1"] == perfect["semantic_img_r1"] == 100.0
+    assert perfect["semantic_chance_r1"] == pytest.approx(100.0 * truth.double().mean().item())
+    first = TopK(torch.zeros(6, 1, dtype=torch.long), torch.zeros(6, 1))  # every query retrieves item 0
+    always = semantic_recall_at_1(first, first, texts, as_json)
+    assert always["semantic_txt_r1"] == pytest.approx(100.0 * truth[:, 0].double().mean().item())
+    assert always["semantic_img_r1"] == pytest.approx(100.0 * truth[0].double().mean().item())
+
+
+def test_capfilt_rule_keeps_exactly_the_pairs_at_or_above_the_threshold() -> None:
+    scores = torch.tensor([0.10, 0.4999, 0.5, 0.73, 0.5001, 0.0])
+    assert keep(scores, 0.5, use_filter=True).tolist() == [False, False, True, True, True, False]
+    assert keep(scores, 0.5, use_filter=False).all()  # the captioner-only arm keeps everything
+
+
+def test_filter_quality_against_known_noise() -> None:
+    noisy = torch.tensor([1, 1, 1, 0, 0, 0, 0, 0], dtype=torch.bool)
+    match = torch.tensor([0.1, 0.3, 0.7, 0.2, 0.6, 0.8, 0.9, 0.95])  # one noisy scores high, one clean scores low
+    # pairs (noisy, clean) where the noisy one has the lower match score: 5 + 4 + 3 = 12 of 15
+    assert roc_auc(-match, noisy) == pytest.approx(12 / 15)
+    assert roc_auc(torch.ones(8), noisy) == 0.5  # all tied: no information
+    quality = removal_quality(match < 0.5, noisy)  # removes 0.1, 0.3 (noisy) and 0.2 (clean)
+    assert quality == pytest.approx({"precision": 2 / 3, "recall": 2 / 3, "clean_removed": 1 / 5})
