@@ -29,6 +29,12 @@ def capfilt_metrics(stats: list[dict], threshold: float, cfg: CapfiltConfig) -> 
         metrics[f"{origin}_total"], metrics[f"{origin}_kept"] = float(total[origin]), float(kept[origin])
     metrics["web_removed"] = float(total["web"] - kept["web"])
     metrics["pairs_out"] = float(sum(kept.values()))
+    truth = torch.tensor([t for s in stats for t in s["synthetic_true"]], dtype=torch.bool)
+    if truth.numel():  # how often the captioner was right, and how often the filter kept the right ones
+        kept_synthetic = torch.tensor([v >= threshold or not cfg.use_filter for s in stats
+                                       for v in s["scores"]["synthetic"][cfg.score]])  # fmt: skip
+        metrics["synthetic_true"] = truth.double().mean().item()
+        metrics["synthetic_kept_true"] = truth[kept_synthetic].double().mean().item() if kept_synthetic.any() else 0.0
     noisy = torch.tensor([n for s in stats for n in s["noisy"]], dtype=torch.bool)
     if noisy.numel() and noisy.any():  # the synthetic world recorded which web captions are noise
         for name in ("itm", "itc"):
@@ -85,7 +91,7 @@ def capfilt_gallery(stats: list[dict], path: Path, count: int = 12) -> Path:
         images |= _images(url, {e["key"] for u, e in examples if u == url})
     columns = 4
     rows = max(1, -(-len(examples) // columns))
-    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 4.6 * rows), squeeze=False)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 5.2 * rows), squeeze=False)
     for axis in axes.flat:
         axis.axis("off")
     for axis, (_, example) in zip(axes.flat, examples, strict=False):

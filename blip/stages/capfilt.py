@@ -35,7 +35,9 @@ from transformers import PreTrainedTokenizer
 from blip.config import Params
 from blip.config.tasks import CapfiltConfig
 from blip.data.ingest import swap_in
+from blip.data.language import is_true
 from blip.data.loader import split_by_worker
+from blip.data.scene import Scene
 from blip.data.shards import shard_urls
 from blip.data.transforms import eval_transform
 from blip.eval.capfilt_report import capfilt_gallery, capfilt_metrics, score_histogram
@@ -113,7 +115,7 @@ def bootstrap_unit(unit: Unit, models: dict, params: Params, threshold: float, d
     generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + unit.index)
     stats: dict = {"unit": unit.index, "source": unit.url, "images": 0, "skipped": 0, "kept": {}, "total": {},
                    "scores": {"web": {"itm": [], "itc": []}, "synthetic": {"itm": [], "itc": []}},
-                   "noisy": [], "noise": [], "examples": []}  # fmt: skip
+                   "noisy": [], "noise": [], "synthetic_true": [], "examples": []}  # fmt: skip
     shard = unit_shard(cfg, unit)
     partial = shard.with_name(shard.name + ".partial")
     with open(partial, "wb") as handle, wds.TarWriter(handle, encoder=False, mtime=0.0) as tar:
@@ -158,6 +160,8 @@ def _bootstrap_batch(batch: list[dict], models: dict, cfg: CapfiltConfig, genera
             if origin == "web":
                 stats["noisy"].append(bool(world.get("noisy", False)))
                 stats["noise"].append(world.get("noise"))
+            elif "scene" in world:
+                stats["synthetic_true"].append(is_true(text, Scene.from_json(world["scene"])))
             example["pairs"].append({"origin": origin, "caption": text, **pair_scores, "kept": bool(kept[flat])})
             _count(stats, origin, bool(kept[flat]))
             if kept[flat]:

@@ -3,8 +3,7 @@
 
 Runs in one process (`python -m blip pretrain`) or under `torchrun` (DDP). Resumable checkpoints live in
 `<section>.checkpoint_dir`, outside the DVC output, so `dvc repro` never deletes them; the only DVC output is
-the final weights file. Writes metrics/<name>.json and the training curves (plots/<name>.csv, .png), where
-<name> is the output file's stem.
+the final weights file. Writes metrics/<section>.json and the training curves (plots/<section>.csv, .png).
 """
 
 from __future__ import annotations
@@ -44,7 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--section", choices=PRETRAIN_SECTIONS, default="pretrain",
                         help="params section to run: pretrain, or repretrain on the CapFilt shards")  # fmt: skip
     args, params = parse_stage_args(parser, argv)
-    cfg, data = getattr(params, args.section), params.data
+    name, data = args.section, params.data  # metrics/<name>.json, plots/<name>.csv, the MLflow run
+    cfg = getattr(params, name)
     ctx = setup()
     try:
         torch.use_deterministic_algorithms(cfg.deterministic)
@@ -53,8 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = build_model("pretrain", params.model, tokenizer, cfg.queue_size, cfg.momentum, cfg.label_smoothing)
         torch.manual_seed(cfg.seed + 1_000 * ctx.rank)  # then each rank its own dropout / negatives
         trainer = Trainer(cfg, model, ctx, partial(pretrain_lr, cfg))
-        resume(cfg.name, trainer, cfg)
-        batches = training_batches(cfg.name, params, cfg, cfg.splits, data.pretrain_augment, trainer)
+        resume(name, trainer, cfg)
+        batches = training_batches(name, params, cfg, cfg.splits, data.pretrain_augment, trainer)
         max_length = params.tokenizer.max_length
 
         def compute(forward: torch.nn.Module, batch: dict, step: int) -> dict[str, torch.Tensor]:
@@ -66,17 +66,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return {"loss": out.loss, "itc": out.itc, "itm": out.itm, "lm": out.lm, "itc_accuracy": out.itc_accuracy}
 
         fit_and_finish(
-            cfg.name, params, trainer, batches, compute, lambda run: finish(params, cfg, trainer, tokenizer, run)
+            name, params, trainer, batches, compute, lambda run: finish(params, name, trainer, tokenizer, run)
         )
     finally:
         teardown()
     return 0
 
 
-def finish(
-    params: Params, cfg: PretrainConfig, trainer: Trainer, tokenizer: PreTrainedTokenizer, run: StageRun
-) -> None:
+def finish(params: Params, name: str, trainer: Trainer, tokenizer: PreTrainedTokenizer, run: StageRun) -> None:
     """Rank 0, after training: held-out ITC recall, final weights, metrics, curves, MLflow artifacts."""
+    cfg: PretrainConfig = getattr(params, name)
     model = trainer.model
     metrics = {k: v for k, v in trainer.history[-1].items() if k != "samples_per_s"} if trainer.history else {}
     if cfg.eval_split:
@@ -85,10 +84,10 @@ def finish(
         metrics |= {f"eval_{k}": v for k, v in recall.items()}
         run.log_metrics({f"eval_{k}": v for k, v in recall.items()}, step=trainer.step)
     weights = save_weights(model, cfg.output, params.tokenizer.name)
-    path = write_metrics(cfg.name, metrics)
-    save_curves(cfg.name, trainer, run, f"{cfg.name} (ITC + ITM + LM)")
+    path = write_metrics(name, metrics)
+    save_curves(name, trainer, run, f"{name} (ITC + ITM + LM)")
     run.log_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False), "config.yaml")
     for artifact in (path, weights):
         run.log_artifact(artifact)
     summary = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
-    print(f"{cfg.name}: {trainer.step} steps, weights {weights}, {summary}")
+    print(f"{name}: {trainer.step} steps, weights {weights}, {summary}")

@@ -56,6 +56,17 @@ class StageRun:
             self._mlflow.log_text(text, name)
 
 
+def use_experiment() -> str:
+    """Point MLflow at the project's store and experiment (created with local artifacts on SQLite); its id."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
+    if mlflow.get_experiment_by_name(name) is None and tracking_uri().startswith("sqlite:"):
+        mlflow.create_experiment(name, artifact_location=Path("mlartifacts").resolve().as_uri())
+    return mlflow.set_experiment(name).experiment_id
+
+
 @contextmanager
 def stage_run(stage: str, params: Params, run_id: str | None = None) -> Iterator[StageRun]:
     """The stage's MLflow run; `run_id` continues an earlier run (resume) instead of starting a new one.
@@ -67,11 +78,7 @@ def stage_run(stage: str, params: Params, run_id: str | None = None) -> Iterator
         return
     import mlflow  # imported here: ranks other than 0 and plain library use never pay for it
 
-    mlflow.set_tracking_uri(tracking_uri())
-    name = os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
-    if mlflow.get_experiment_by_name(name) is None and tracking_uri().startswith("sqlite:"):
-        mlflow.create_experiment(name, artifact_location=Path("mlartifacts").resolve().as_uri())
-    mlflow.set_experiment(name)
+    use_experiment()
     tags = {"blip.stage": stage, "dvc.stage": stage, "mlflow.source.git.commit": git_commit()}
     if parent := os.environ.get("BLIP_PARENT_RUN_ID"):
         tags["mlflow.parentRunId"] = parent

@@ -21,6 +21,7 @@ from blip.eval.filter_quality import removal_quality, roc_auc
 from blip.eval.retrieval import PairSplit, TopK, evaluate_retrieval, recall_at_k
 from blip.eval.world import semantic_recall_at_1
 from blip.models.factory import build_model
+from blip.stages.ablation import table as ablation_table
 from blip.stages.capfilt import keep
 from blip.stages.nlvr import accuracy
 from blip.stages.vqa import weighted_answers
@@ -144,3 +145,17 @@ def test_filter_quality_against_known_noise() -> None:
     assert roc_auc(torch.ones(8), noisy) == 0.5  # all tied: no information
     quality = removal_quality(match < 0.5, noisy)  # removes 0.1, 0.3 (noisy) and 0.2 (clean)
     assert quality == pytest.approx({"precision": 2 / 3, "recall": 2 / 3, "clean_removed": 1 / 5})
+
+
+def test_ablation_table_reports_mean_and_std_over_seeds() -> None:
+    arm = {"r1_mean": 2.0, "txt_r1": 3.0, "img_r1": 1.0, "semantic_r1_mean": 20.0, "CIDEr": 1.2}
+    results = {
+        0: {"none": arm, "both": {**arm, "r1_mean": 3.0, "filter_auc_itc": 0.8}},
+        1: {"none": {**arm, "r1_mean": 4.0}, "both": {**arm, "r1_mean": 5.0, "filter_auc_itc": 0.9}},
+    }
+    markdown, summary = ablation_table(results)
+    assert summary["none"]["r1_mean"] == {"mean": 3.0, "std": pytest.approx(2**0.5), "values": [2.0, 4.0]}
+    assert summary["both"]["filter_auc_itc"]["mean"] == pytest.approx(0.85)
+    assert "filter_auc_itc" not in summary["none"]  # no filter in that arm: shown as "-", not as a number
+    assert markdown.splitlines()[2].startswith("| none | 3 ± 1.4 |") and "| - |" in markdown.splitlines()[2]
+    assert markdown.count("\n") == 2 + 4  # header, rule, one row per arm (filter / captioner rows empty)
