@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -165,3 +166,21 @@ def test_capfilt_killed_then_resumed_loses_and_duplicates_nothing(project: Path,
     assert result == pairs(straight / "capfilt/bootstrapped")  # same pairs, same captions
     keys = [(image, origin, caption) for image, origin, caption in result]
     assert len(keys) == len(set(keys))
+
+
+def test_capfilt_under_torchrun_equals_one_process(project: Path, weights: dict, here: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    outputs = {}
+    for name, launcher in (("one", [sys.executable, "-m", "blip"]),
+                           ("two", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                                    f"--master_port={port}", "-m", "blip"])):  # fmt: skip
+        out = here / name
+        out.mkdir()
+        done = subprocess.run([*launcher, "capfilt", *capfilt_args(project, weights, out, num_workers=2)], cwd=out,
+                              env=env_for(out), capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        outputs[name] = pairs(out / "capfilt/bootstrapped")
+    # ranks took turns at the units (and two workers decoded each): the same pairs as one process
+    assert outputs["two"] == outputs["one"] and len(outputs["one"]) > 40

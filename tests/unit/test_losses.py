@@ -13,6 +13,7 @@ from blip.models import contrastive as C
 from blip.models.caption import BlipCaptioner
 from blip.models.med import lm_loss
 from blip.models.pretrain import BlipPretrain
+from blip.models.retrieval import BlipRetrieval
 from tests.conftest import TINY_BERT
 
 CFG = TINY_BERT
@@ -117,6 +118,27 @@ def test_pretrain_step_losses_queue_and_momentum() -> None:
     decoder = model.text_decoder
     assert decoder.cls.predictions.decoder.weight is model.text_encoder.embeddings.word_embeddings.weight
     assert decoder.bert.embeddings is model.text_encoder.embeddings
+
+
+def test_retrieval_id_queue_makes_queued_captions_of_the_same_image_positives(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    model = BlipRetrieval(CFG, T, queue_size=8, momentum=0.995)
+    images = torch.randn(4, 3, CFG.image_size, CFG.image_size)
+    ids = torch.tensor([[T.cls, 1037, 2417, 4418, T.sep], [T.cls, 2048, 5741, T.sep, 0]] * 2)
+    mask = (ids != 0).long()
+    seen: list[torch.Tensor] = []
+    original = C.distilled_targets
+    monkeypatch.setattr(C, "distilled_targets", lambda sim, pos, alpha: seen.append(pos) or original(sim, pos, alpha))
+    model(images, ids, mask, torch.tensor([7, 8, 7, 9]), alpha=0.4)
+    assert model.idx_queue[0, :4].tolist() == [7, 8, 7, 9] and int(model.ptr_queue) == 4
+    seen.clear()
+    out = model(images, ids, mask, torch.tensor([9, 5, 6, 7]), alpha=0.4)
+    # columns: 4 in-batch momentum features, then the 8 queue slots (ids 7, 8, 7, 9, then empty = -100)
+    positives = seen[0]
+    assert positives[0].nonzero().flatten().tolist() == [0, 7]  # image 9: itself and the queued caption of 9
+    assert positives[3].nonzero().flatten().tolist() == [3, 4, 6]  # image 7: itself and both queued captions of 7
+    assert positives[1].nonzero().flatten().tolist() == [1]
+    assert torch.isfinite(out.loss) and int(model.ptr_queue) == 0  # the queue wrapped around
 
 
 def test_queue_must_divide_by_the_global_batch() -> None:
