@@ -48,6 +48,16 @@ STAGES = {"pretrain": "blip.stages.pretrain", "caption": "blip.stages.caption", 
           "capfilt": "blip.stages.capfilt"}  # fmt: skip
 
 
+def mirrored(sets: list[str]) -> list[str]:
+    """`--set pretrain.<key>=...` applied to `repretrain` too, so the re-pretraining keeps the same budget (its
+    data, output and checkpoint keys stay its own)."""
+    own = ("splits", "shard_root", "output", "checkpoint_dir")
+    extra = [
+        f"re{item}" for item in sets if item.startswith("pretrain.") and item.split("=")[0].split(".")[1] not in own
+    ]
+    return [*sets, *extra]
+
+
 def _absolute(name: str) -> str:
     """A tokenizer path made absolute (the runs happen in other folders); a hub or package name unchanged."""
     return str(Path(name).resolve()) if Path(name).exists() else name
@@ -76,7 +86,7 @@ def seed_runs(seed: int, out: Path, params_file: Path, sets: list[str], child: C
     """All arms of one seed (finished arms are read back, not rerun); returns arm -> summary metrics."""
     params = load_params(params_file, sets)
     common = [f"data.shard_root={params.data.shard_root.resolve()}",
-              f"tokenizer.name={_absolute(params.tokenizer.name)}", *sets,
+              f"tokenizer.name={_absolute(params.tokenizer.name)}", *mirrored(sets),
               *(f"{section}.seed={seed}" for section in SEEDED)]  # fmt: skip
     base = out / f"seed{seed}" / "none"
     plans: dict[str, tuple[Path, list[tuple[str, list[str], list[str]]]]] = {

@@ -21,6 +21,7 @@ from blip.eval.filter_quality import removal_quality, roc_auc
 from blip.eval.retrieval import PairSplit, TopK, evaluate_retrieval, recall_at_k
 from blip.eval.world import semantic_recall_at_1
 from blip.models.factory import build_model
+from blip.stages.ablation import mirrored
 from blip.stages.ablation import table as ablation_table
 from blip.stages.capfilt import keep
 from blip.stages.nlvr import accuracy
@@ -159,3 +160,8 @@ def test_ablation_table_reports_mean_and_std_over_seeds() -> None:
     assert "filter_auc_itc" not in summary["none"]  # no filter in that arm: shown as "-", not as a number
     assert markdown.splitlines()[2].startswith("| none | 3 ± 1.4 |") and "| - |" in markdown.splitlines()[2]
     assert markdown.count("\n") == 2 + 4  # header, rule, one row per arm (filter / captioner rows empty)
+
+
+def test_ablation_gives_the_repretraining_the_pretraining_budget() -> None:
+    sets = ["pretrain.epochs=4", "pretrain.splits=[web]", "caption.lr=1e-4", "pretrain.steps_per_epoch=50"]
+    assert mirrored(sets) == [*sets, "repretrain.epochs=4", "repretrain.steps_per_epoch=50"]
