@@ -1,7 +1,7 @@
 """Image-text retrieval evaluation as BLIP does it, with memory bounded by a chunk size.
 
-1. ITC similarities of every image with every text, computed `chunk` rows at a time; only each row's top k
-   survive (memory N x k, never N x N on the device).
+1. ITC similarities of every image with every text, computed in blocks of `chunk` query rows x `key_chunk` keys;
+   only each row's top k survive (working memory set by the blocks; the result is N x k, never N x N).
 2. ITM re-ranks those k candidates in both directions; the final score is ITM logit (match) + ITC similarity,
    candidates outside the top k rank below all of them (BLIP fills them with -100).
 3. Recall@1/5/10 both ways: image->text counts the best-ranked of an image's captions.
@@ -33,15 +33,25 @@ class TopK:
     scores: torch.Tensor  # [queries, k]
 
 
-def chunked_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk: int) -> TopK:
-    """Top-k of `queries @ keys.T` without materialising more than `chunk` rows of it at once."""
+def chunked_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk: int, key_chunk: int = 16384) -> TopK:
+    """Top-k of `queries @ keys.T`, `chunk` query rows x `key_chunk` keys at a time: working memory is set by the
+    two chunk sizes, whatever the gallery size (a row's running top k is merged with each key block's)."""
     k = min(k, keys.shape[0])
     indices, scores = [], []
     for start in range(0, queries.shape[0], chunk):
-        block = queries[start : start + chunk] @ keys.T
-        top = block.topk(k, dim=1)
-        indices.append(top.indices.cpu())
-        scores.append(top.values.float().cpu())
+        rows = queries[start : start + chunk]
+        best_scores = best_indices = None
+        for key_start in range(0, keys.shape[0], key_chunk):
+            block = rows @ keys[key_start : key_start + key_chunk].T
+            top = block.topk(min(k, block.shape[1]), dim=1)
+            block_scores, block_indices = top.values, top.indices + key_start
+            if best_scores is not None:
+                block_scores = torch.cat([best_scores, block_scores], dim=1)
+                block_indices = torch.cat([best_indices, block_indices], dim=1)
+            merged = block_scores.topk(min(k, block_scores.shape[1]), dim=1)
+            best_scores, best_indices = merged.values, block_indices.gather(1, merged.indices)
+        indices.append(best_indices.cpu())
+        scores.append(best_scores.float().cpu())
     return TopK(torch.cat(indices), torch.cat(scores))
 
 

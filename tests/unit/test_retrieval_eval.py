@@ -51,9 +51,10 @@ def test_top_k_truncation_only_loses_ranks_beyond_k() -> None:
 def test_chunked_topk_equals_full_topk() -> None:
     generator = torch.Generator().manual_seed(2)
     queries, keys = torch.randn(37, 8, generator=generator), torch.randn(53, 8, generator=generator)
-    chunked = chunked_topk(queries, keys, k=7, chunk=5)
     top = (queries @ keys.T).topk(7, dim=1)
-    assert torch.equal(chunked.indices, top.indices) and torch.allclose(chunked.scores, top.values)
+    for key_chunk in (53, 10, 4):  # one key block; several; blocks smaller than k (merged across blocks)
+        chunked = chunked_topk(queries, keys, k=7, chunk=5, key_chunk=key_chunk)
+        assert torch.equal(chunked.indices, top.indices) and torch.allclose(chunked.scores, top.values)
 
 
 class _FakeITM:
