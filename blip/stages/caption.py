@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Sequence
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -24,11 +23,10 @@ from blip.models.caption import PROMPT
 from blip.models.checkpoint import save_weights
 from blip.models.generation import GenerationConfig
 from blip.stages.common import parse_stage_args, stage_parser, write_metrics
-from blip.stages.training import finetune_model, fit_and_finish, resume, save_curves, training_batches
+from blip.stages.training import finetune_setup, fit_and_finish, save_curves
 from blip.tracking.runs import StageRun
 from blip.training.distributed import setup, teardown
 from blip.training.loop import Trainer
-from blip.training.optim import cosine_lr
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -37,10 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ctx = setup()
     try:
         # keeps the image encoder and the decoder of the pretrained weights
-        model, tokenizer = finetune_model("caption", params, cfg, ctx, label_smoothing=cfg.label_smoothing)
-        trainer = Trainer(cfg, model, ctx, partial(cosine_lr, cfg))
-        resume(cfg.name, trainer, cfg)
-        batches = training_batches(cfg.name, params, cfg, cfg.splits, params.data.finetune_augment, trainer)
+        trainer, tokenizer, batches = finetune_setup("caption", params, cfg, ctx, label_smoothing=cfg.label_smoothing)
         max_length = params.tokenizer.max_length
 
         def compute(forward: torch.nn.Module, batch: dict, step: int) -> dict[str, torch.Tensor]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Sequence
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,11 +22,10 @@ from blip.data.transforms import eval_transform
 from blip.models.checkpoint import save_weights
 from blip.models.nlvr import BlipNLVR
 from blip.stages.common import parse_stage_args, stage_parser, write_metrics
-from blip.stages.training import finetune_model, fit_and_finish, resume, save_curves, training_batches
+from blip.stages.training import finetune_setup, fit_and_finish, save_curves
 from blip.tracking.runs import StageRun
 from blip.training.distributed import setup, teardown
 from blip.training.loop import Trainer
-from blip.training.optim import cosine_lr
 
 
 def labels(records: list[dict], device: torch.device) -> torch.Tensor:
@@ -69,10 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = params.nlvr
     ctx = setup()
     try:
-        model, tokenizer = finetune_model("nlvr", params, cfg, ctx)
-        trainer = Trainer(cfg, model, ctx, partial(cosine_lr, cfg))
-        resume(cfg.name, trainer, cfg)
-        batches = training_batches(cfg.name, params, cfg, cfg.splits, params.data.finetune_augment, trainer, "nlvr")
+        trainer, tokenizer, batches = finetune_setup("nlvr", params, cfg, ctx, "nlvr")
         max_length = params.tokenizer.max_length
 
         def compute(forward: torch.nn.Module, batch: dict, step: int) -> dict[str, torch.Tensor]:

@@ -10,7 +10,6 @@ chance (100/N). Writes metrics/<name>.json, reports/<name>/recall_at_k.png, the 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -25,13 +24,11 @@ from blip.models.contrastive import DualEncoder, ramped_alpha
 from blip.models.factory import load_trained
 from blip.stages.common import parse_stage_args, stage_parser, write_metrics
 from blip.stages.pretrain import image_ids
-from blip.stages.training import finetune_model, fit_and_finish, resume, save_curves, training_batches
+from blip.stages.training import finetune_setup, fit_and_finish, save_curves
 from blip.tracking import stage_run
 from blip.tracking.plots import plot_recall
 from blip.tracking.runs import StageRun
 from blip.training.distributed import DistContext, setup, teardown
-from blip.training.loop import Trainer
-from blip.training.optim import cosine_lr
 
 
 def evaluate(
@@ -65,11 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = params.retrieval
     ctx = setup()
     try:
-        model, tokenizer = finetune_model("retrieval", params, cfg, ctx, queue_size=cfg.queue_size,
-                                          momentum=cfg.momentum)  # fmt: skip
-        trainer = Trainer(cfg, model, ctx, partial(cosine_lr, cfg))
-        resume(cfg.name, trainer, cfg)
-        batches = training_batches(cfg.name, params, cfg, cfg.splits, params.data.finetune_augment, trainer)
+        trainer, tokenizer, batches = finetune_setup(
+            "retrieval", params, cfg, ctx, queue_size=cfg.queue_size, momentum=cfg.momentum
+        )
         max_length = params.tokenizer.max_length
 
         def compute(forward: torch.nn.Module, batch: dict, step: int) -> dict[str, torch.Tensor]:

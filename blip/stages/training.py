@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from blip.tracking.plots import plot_history, write_history_csv
 from blip.tracking.runs import StageRun
 from blip.training.distributed import DistContext
 from blip.training.loop import Compute, Trainer
+from blip.training.optim import cosine_lr
 
 PLOTS = Path("plots")
 
@@ -77,6 +79,18 @@ def finetune_model(
         print(f"{cfg.name}: initialised from {cfg.init}; fresh: {', '.join(report.initialised) or 'nothing'}")
     torch.manual_seed(cfg.seed + 1_000 * ctx.rank)
     return model, tokenizer
+
+
+def finetune_setup(
+    task: str, params: Params, cfg: FinetuneConfig, ctx: DistContext, kind: str = "pairs", **build: Any
+) -> tuple[Trainer, PreTrainedTokenizer, wds.WebLoader]:
+    """What every fine-tune starts with: the initialised model in a cosine-schedule trainer (resumed when a
+    checkpoint exists), the tokenizer, and the training stream of `kind` samples."""
+    model, tokenizer = finetune_model(task, params, cfg, ctx, **build)
+    trainer = Trainer(cfg, model, ctx, partial(cosine_lr, cfg))
+    resume(cfg.name, trainer, cfg)
+    batches = training_batches(cfg.name, params, cfg, cfg.splits, params.data.finetune_augment, trainer, kind)
+    return trainer, tokenizer, batches
 
 
 def fit_and_finish(

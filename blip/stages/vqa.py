@@ -13,7 +13,6 @@ import json
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
-from functools import partial
 from pathlib import Path
 from statistics import mean
 
@@ -26,11 +25,10 @@ from blip.eval.vqa_accuracy import vqa_accuracy
 from blip.models.checkpoint import save_weights
 from blip.models.vqa import ANSWER_GENERATION
 from blip.stages.common import parse_stage_args, stage_parser, write_metrics
-from blip.stages.training import finetune_model, fit_and_finish, resume, save_curves, training_batches
+from blip.stages.training import finetune_setup, fit_and_finish, save_curves
 from blip.tracking.runs import StageRun
 from blip.training.distributed import setup, teardown
 from blip.training.loop import Trainer
-from blip.training.optim import cosine_lr
 
 
 def weighted_answers(records: list[dict]) -> tuple[list[str], list[int], list[float]]:
@@ -49,10 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = params.vqa
     ctx = setup()
     try:
-        model, tokenizer = finetune_model("vqa", params, cfg, ctx, label_smoothing=cfg.label_smoothing)
-        trainer = Trainer(cfg, model, ctx, partial(cosine_lr, cfg))
-        resume(cfg.name, trainer, cfg)
-        batches = training_batches(cfg.name, params, cfg, cfg.splits, params.data.finetune_augment, trainer, "vqa")
+        trainer, tokenizer, batches = finetune_setup(
+            "vqa", params, cfg, ctx, "vqa", label_smoothing=cfg.label_smoothing
+        )
         max_length = params.tokenizer.max_length
 
         def compute(forward: torch.nn.Module, batch: dict, step: int) -> dict[str, torch.Tensor]:
