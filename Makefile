@@ -15,7 +15,7 @@ export PREFECT_HOME := $(CURDIR)/.cache/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install pipeline test lint format clean
+.PHONY: install pipeline test lint format clean mlflow-ui prefect-server deploy bench
 
 $(STAMP): pyproject.toml requirements.lock.txt
 	test -x $(PY) || python3.11 -m venv $(VENV)
@@ -31,6 +31,27 @@ pipeline: $(STAMP)
 
 test: $(STAMP)
 	pytest -q
+
+# The local UIs, on 127.0.0.1 only. MLflow reads the project's SQLite store (what `make pipeline` writes).
+mlflow-ui: $(STAMP)
+	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+prefect-server: $(STAMP)
+	prefect server start --host 127.0.0.1 --port 4200
+
+# With `make prefect-server` running: the `cpu` pool, the deployments of prefect.yaml, and a worker for this checkout.
+deploy: export PREFECT_API_URL ?= http://127.0.0.1:4200/api
+deploy: $(STAMP)
+	prefect work-pool inspect cpu >/dev/null 2>&1 || prefect work-pool create cpu --type process
+	BLIP_PROJECT_DIR=$(CURDIR) prefect --no-prompt deploy -n pipeline-cpu -n evaluate
+	BLIP_PROJECT_DIR=$(CURDIR) prefect worker start --pool cpu --type process
+
+# The CPU benchmarks (a few minutes here); benchmarks/gpu.sh runs them at base size on a GPU.
+bench: $(STAMP)
+	python -m benchmarks.vs_transformers --sizes tiny base --batch 4 --repeats 3
+	python -m benchmarks.pretrain_step --sizes tiny base --steps 3
+	python -m benchmarks.data_and_capfilt --workers 1 2
+	python benchmarks/retrieval_eval.py --sizes 1000 2000
 
 lint: $(STAMP)
 	ruff check . && ruff format --check .

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -57,7 +58,16 @@ def itc_part(images: int, chunk: int, key_chunk: int, k: int, dim: int, device: 
 def itm_part(queries: int, k: int, device: str) -> float:
     """Seconds to re-rank `queries` x k candidates with the committed tiny model's ITM (BERT vocabulary)."""
     params = load_params(Path(__file__).parents[1] / "params.yaml")
-    model = build_model("retrieval", params.model, load_tokenizer("bert-base-uncased-offline"), 0).to(device).eval()
+    model = (
+        build_model(
+            "retrieval",
+            params.model,
+            load_tokenizer(os.environ.get("BLIP_BENCH_TOKENIZER", "bert-base-uncased-offline")),
+            0,
+        )
+        .to(device)
+        .eval()
+    )
     tokens = (params.model.image_size // params.model.patch_size) ** 2 + 1
     embeds = torch.randn(queries, tokens, params.model.vision_width)  # one image per query, 64 candidate texts
     ids, mask = torch.randint(1000, 2000, (64, 12)), torch.ones(64, 12, dtype=torch.long)

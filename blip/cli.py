@@ -21,6 +21,7 @@ COMMANDS = {
     "nlvr-finetune": ("blip.stages.nlvr", "fine-tune and evaluate NLVR2"),
     "capfilt": ("blip.stages.capfilt", "CapFilt: caption and filter the web pairs into new shards"),
     "capfilt-ablation": ("blip.stages.ablation", "CapFilt ablation (none / filter / captioner / both) over seeds"),
+    "promote": ("blip.registry", "register new models; move the champion alias to a better one"),
     "config": ("blip.stages.show_config", "print the validated configuration"),
     "caption": ("blip.commands:caption_main", "caption images with trained or official weights"),
     "itm": ("blip.commands:itm_main", "ITM probability and ITC similarity of texts with an image"),

@@ -35,6 +35,7 @@ from blip.config.tasks import (
     CapfiltConfig,
     CaptionFinetuneConfig,
     NlvrFinetuneConfig,
+    PromotionConfig,
     RetrievalFinetuneConfig,
     VqaFinetuneConfig,
     ZeroShotConfig,
@@ -69,6 +70,7 @@ class Params(BaseSettings):
     vqa: VqaFinetuneConfig = VqaFinetuneConfig()
     nlvr: NlvrFinetuneConfig = NlvrFinetuneConfig()
     capfilt: CapfiltConfig = CapfiltConfig()
+    promotion: PromotionConfig = PromotionConfig()
 
     @classmethod
     def settings_customise_sources(

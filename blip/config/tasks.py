@@ -121,3 +121,25 @@ class CapfiltConfig(Section):
     num_workers: int = Field(1, ge=0, description="data-loader workers decoding a unit's images")
     gallery_images: int = Field(12, ge=0)
     seed: int = 0
+
+
+class RegisteredModel(Section):
+    """One registered model: its task (the pyfunc's behaviour), the stage outputs that may become its versions
+    (stems: models/<stem>.safetensors with metrics/<stem>.json) and the metric that decides the champion."""
+
+    task: Literal["caption", "retrieval", "vqa"]
+    candidates: list[str] = Field(min_length=1)
+    metric: str
+    higher_is_better: bool = True
+
+
+class PromotionConfig(Section):
+    """`blip promote`: register new versions and move `alias` to a better one (run by the Prefect pipeline)."""
+
+    alias: str = "champion"
+    models: dict[str, RegisteredModel] = Field(default_factory=lambda: {
+        "blip-captioner": RegisteredModel(task="caption", candidates=["caption", "caption_capfilt"], metric="CIDEr"),
+        "blip-retrieval": RegisteredModel(task="retrieval", candidates=["retrieval", "retrieval_capfilt"],
+                                          metric="r_mean"),
+        "blip-vqa": RegisteredModel(task="vqa", candidates=["vqa", "vqa_capfilt"], metric="rank_accuracy"),
+    })  # fmt: skip

@@ -1,7 +1,8 @@
 """The built-in synthetic world (deterministic from a seed): every split the default pipeline trains on.
 
-- "web" pretraining pairs: one short alt-text-like caption each; a configured fraction is noise (another
-  image's caption, one attribute made wrong, or unrelated text), recorded so CapFilt can be measured;
+- "web" pretraining pairs: one alt-text-like caption each (objects named in full, no positions); a configured
+  fraction is noise (another image's caption, one attribute made wrong, or unrelated text), recorded so CapFilt
+  can be measured;
 - a clean human-annotated set, 5 varied captions per image, in a Karpathy-style train/val/test split;
 - VQA questions (count, colour, existence, position) on the clean train/test images, with an answer list;
 - NLVR2-style pairs of images with a true/false statement.
@@ -42,7 +43,7 @@ def _world_truth(scene: Scene, **extra: object) -> dict:
 
 def _web_caption(seed: int, index: int, scene: Scene) -> str:
     rng = item_rng(seed, "web-caption", index)
-    return language.to_text(rng.choice(language.true_meanings(scene, rng, short=True)))
+    return language.to_text(rng.choice(language.true_meanings(scene, rng, positions=False)))
 
 
 def _web_item(cfg: WorldConfig, index: int) -> Item:
@@ -58,7 +59,7 @@ def _web_item(cfg: WorldConfig, index: int) -> Item:
                 other_scene = sample_scene(item_rng(cfg.seed, "web", other), cfg.max_objects)
                 candidate = _web_caption(cfg.seed, other, other_scene)
             elif noise == "attribute":
-                true = rng.choice(language.true_meanings(scene, rng, short=True))
+                true = rng.choice(language.true_meanings(scene, rng, positions=False))
                 candidate = language.to_text(language.mutate(true, rng))
             else:
                 candidate = rng.choice(UNRELATED)
@@ -77,16 +78,13 @@ def _web_item(cfg: WorldConfig, index: int) -> Item:
 
 
 def _clean_captions(scene: Scene, rng: random.Random, count: int) -> list[str]:
-    pool = language.true_meanings(scene, rng, short=False) + language.true_meanings(scene, rng, short=True)
+    pool = language.true_meanings(scene, rng, positions=True)
     rng.shuffle(pool)
-    captions: list[str] = []
-    for meaning in pool * count:  # repeats only matter for tiny scenes, where prefixes vary the text
-        text = language.to_text(meaning, rng.choice(language.PREFIXES))
-        if text not in captions:
-            captions.append(text)
-        if len(captions) == count:
-            break
-    return captions
+    first = [language.to_text(meaning, rng.choice(language.PREFIXES)) for meaning in pool]
+    # A one-object scene has fewer meanings than captions: other prefixes vary the wording of the same ones.
+    more = [language.to_text(meaning, prefix) for meaning in pool for prefix in language.PREFIXES]
+    rng.shuffle(more)
+    return list(dict.fromkeys(first + more))[:count]
 
 
 def _clean_items(cfg: WorldConfig) -> Iterator[Item]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from torch import nn
 from transformers import BertModel, PreTrainedTokenizer
 
+from blip.config import ConfigError
 from blip.config.schema import ModelConfig
 from blip.data.tokenizer import SpecialTokens, load_tokenizer
 from blip.models.caption import PROMPT, BlipCaptioner
@@ -96,15 +97,19 @@ def load_bert_weights(med: MED | NlvrEncoder, bert: BertModel, source: str) -> N
 
 
 def load_trained(
-    task: str, weights: Path, cfg: ModelConfig, tokenizer_name: str
+    task: str, weights: Path, cfg: ModelConfig | None, tokenizer_name: str | None, tokenizer: str | None = None
 ) -> tuple[nn.Module, PreTrainedTokenizer]:
     """A `task` model holding a weights file: our safetensors (config and tokenizer inside) or an official-layout
-    file (then `cfg` and `tokenizer_name` describe it). Parts of other tasks in the file are dropped."""
+    file (then `cfg` and `tokenizer_name` describe it). `tokenizer` replaces the stored tokenizer name (e.g. the
+    vocabulary shipped beside the weights in a registered model). Parts of other tasks in the file are dropped."""
     state = read_state_dict(weights)
-    cfg, tokenizer_name = stored_config(weights) or (cfg, tokenizer_name)
+    stored = stored_config(weights)
+    if stored is None and (cfg is None or tokenizer_name is None):
+        raise ConfigError(f"{weights} holds no model config: give the model config and tokenizer (--params)")
+    cfg, tokenizer_name = stored or (cfg, tokenizer_name)
     cfg = cfg.model_copy(update={"vit_init": None, "bert_init": None})  # the file holds every weight
-    tokenizer = load_tokenizer(tokenizer_name)
+    text = load_tokenizer(tokenizer or tokenizer_name)
     queue = state["image_queue"].shape[1] if "image_queue" in state else 0
-    model = build_model(task, cfg, tokenizer, queue_size=queue)
+    model = build_model(task, cfg, text, queue_size=queue)
     load_official(model, state)
-    return model, tokenizer
+    return model, text

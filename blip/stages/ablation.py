@@ -82,7 +82,9 @@ def arm_summary(folder: Path) -> dict[str, float]:
     return metrics
 
 
-def seed_runs(seed: int, out: Path, params_file: Path, sets: list[str], child: Callable) -> dict[str, dict]:
+def seed_runs(
+    seed: int, out: Path, params_file: Path, sets: list[str], child: Callable, arms: Sequence[str] = ("none", *ARMS)
+) -> dict[str, dict]:
     """All arms of one seed (finished arms are read back, not rerun); returns arm -> summary metrics."""
     params = load_params(params_file, sets)
     common = [f"data.shard_root={params.data.shard_root.resolve()}",
@@ -103,6 +105,8 @@ def seed_runs(seed: int, out: Path, params_file: Path, sets: list[str], child: C
         plans[arm] = (out / f"seed{seed}" / arm, steps)
     results = {}
     for arm, (folder, steps) in plans.items():
+        if arm != "none" and arm not in arms:  # none always runs: the baseline, and the others need its models
+            continue
         done = folder / "summary.json"
         if done.is_file():
             results[arm] = json.loads(done.read_text())
@@ -142,6 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=Path("reports/ablation"))
+    parser.add_argument("--arms", nargs="+", choices=["none", *ARMS], default=["none", *ARMS],
+                        help="a subset of the arms, e.g. both for a quick look (none always runs)")  # fmt: skip
     args = parser.parse_args(argv)
     from mlflow.tracking import MlflowClient
 
@@ -174,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[int, dict[str, dict]] = {}
     try:
         for seed in args.seeds:
-            results[seed] = seed_runs(seed, out, params_file, args.overrides, child)
+            results[seed] = seed_runs(seed, out, params_file, args.overrides, child, args.arms)
             markdown, summary = table(results)
             (out / "table.md").write_text(markdown)
             (out / "table.json").write_text(json.dumps({"seeds": list(results), "arms": summary}, indent=2))

@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = build_model("pretrain", params.model, tokenizer, cfg.queue_size, cfg.momentum, cfg.label_smoothing)
         torch.manual_seed(cfg.seed + 1_000 * ctx.rank)  # then each rank its own dropout / negatives
         trainer = Trainer(cfg, model, ctx, partial(pretrain_lr, cfg))
-        resume(name, trainer, cfg)
+        resume(name, trainer, params, cfg)
         batches = training_batches(name, params, cfg, cfg.splits, data.pretrain_augment, trainer)
         max_length = params.tokenizer.max_length
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -39,9 +42,45 @@ def per_rank_batch(stage: str, cfg: TrainConfig, ctx: DistContext) -> int:
     return per_rank
 
 
-def resume(stage: str, trainer: Trainer, cfg: TrainConfig) -> None:
-    found = trainer.resume_from(cfg.checkpoint_dir) if cfg.resume == "auto" else None
-    if found and trainer.ctx.is_main:
+def _head_digest(path: Path) -> bytes:
+    with path.open("rb") as f:  # name, size and the first MiB: cheap even for a web-scale shard list
+        return hashlib.sha256(f"{path.name}:{path.stat().st_size}".encode() + f.read(1 << 20)).digest()
+
+
+def run_fingerprint(params: Params, cfg: TrainConfig) -> str:
+    """What a training run's checkpoints depend on: its settings, model, tokenizer, training shards and initial
+    weights. DVC reruns a stage when any of these changed; resuming the old run's checkpoint would then silently
+    mix two runs (or skip training altogether)."""
+    operational = {"name", "log_every", "checkpoint_every", "keep_checkpoints", "checkpoint_dir", "resume", "output"}
+    digest = hashlib.sha256(cfg.model_dump_json(exclude=operational).encode())
+    for section in (params.model, params.data, params.tokenizer):
+        digest.update(section.model_dump_json().encode())
+    root = cfg.shard_root or params.data.shard_root
+    files = [Path(url) for split in cfg.splits for url in shard_urls(root / split)]
+    files += [Path(params.tokenizer.name), Path(str(getattr(cfg, "init", "")))]
+    for path in files:
+        if path.is_file():
+            digest.update(_head_digest(path))
+    return digest.hexdigest()
+
+
+def resume(stage: str, trainer: Trainer, params: Params, cfg: TrainConfig) -> None:
+    """Continue from the newest valid checkpoint of this very run; one made for other settings or data is moved
+    aside to `<checkpoint_dir>.stale` (kept for inspection, never resumed)."""
+    trainer.fingerprint = run_fingerprint(params, cfg)
+    if cfg.resume != "auto":
+        return
+    found = trainer.resume_from(cfg.checkpoint_dir)
+    if found == "stale":
+        stale = cfg.checkpoint_dir.with_name(cfg.checkpoint_dir.name + ".stale")
+        if trainer.ctx.is_main:
+            shutil.rmtree(stale, ignore_errors=True)
+            os.replace(cfg.checkpoint_dir, stale)
+            print(f"{stage}: checkpoints in {cfg.checkpoint_dir} were made with other settings or data: moved to "
+                  f"{stale}, starting fresh")  # fmt: skip
+        if trainer.ctx.distributed:
+            torch.distributed.barrier()
+    elif found and trainer.ctx.is_main:
         print(f"{stage}: resuming from {found} (step {trainer.step})")
 
 
@@ -88,7 +127,7 @@ def finetune_setup(
     checkpoint exists), the tokenizer, and the training stream of `kind` samples."""
     model, tokenizer = finetune_model(task, params, cfg, ctx, **build)
     trainer = Trainer(cfg, model, ctx, partial(cosine_lr, cfg))
-    resume(cfg.name, trainer, cfg)
+    resume(cfg.name, trainer, params, cfg)
     batches = training_batches(cfg.name, params, cfg, cfg.splits, params.data.finetune_augment, trainer, kind)
     return trainer, tokenizer, batches
 

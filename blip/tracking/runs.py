@@ -79,7 +79,9 @@ def stage_run(stage: str, params: Params, run_id: str | None = None) -> Iterator
     import mlflow  # imported here: ranks other than 0 and plain library use never pay for it
 
     use_experiment()
-    tags = {"blip.stage": stage, "dvc.stage": stage, "mlflow.source.git.commit": git_commit()}
+    # Under `dvc repro` from the flows, BLIP_DVC_STAGE names the DVC stage (e.g. caption-finetune@capfilt).
+    tags = {"blip.stage": stage, "dvc.stage": os.environ.get("BLIP_DVC_STAGE", stage),
+            "mlflow.source.git.commit": git_commit()}  # fmt: skip
     if parent := os.environ.get("BLIP_PARENT_RUN_ID"):
         tags["mlflow.parentRunId"] = parent
     system_metrics = os.environ.get("BLIP_SYSTEM_METRICS", "1") == "1"

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -56,6 +56,7 @@ class Trainer:
         self.step = 0
         self.position = DataPosition()
         self.run_id: str | None = None
+        self.fingerprint = ""  # of the run's settings and data (blip.stages.training.run_fingerprint)
         self.history: list[dict[str, float]] = []
 
     # ------------------------------------------------------------------ state
@@ -72,6 +73,7 @@ class Trainer:
             "data": {"batches": self.position.batches, "samples": dict(self.position.samples)},
             "history": self.history,
             "mlflow_run_id": self.run_id,
+            "fingerprint": self.fingerprint,
         }
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -87,10 +89,13 @@ class Trainer:
         self.history = list(state["history"])
         self.run_id = state["mlflow_run_id"]
 
-    def resume_from(self, folder: Path) -> Path | None:
+    def resume_from(self, folder: Path) -> Path | Literal["stale"] | None:
+        """The checkpoint resumed from; "stale" when the newest one was made for another `fingerprint`."""
         found = checkpoints.load_latest(folder)
         if found is None:
             return None
+        if found[0].get("fingerprint") != self.fingerprint:
+            return "stale"
         self.restore(found[0])
         return found[1]
 

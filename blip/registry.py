@@ -1,0 +1,133 @@
+"""`blip promote`: the model-registry gate, run after evaluation (the Prefect pipeline's last step).
+
+For each registered model in `params.promotion.models` (blip-captioner, blip-retrieval, blip-vqa), every candidate
+output (models/<stem>.safetensors, evaluated in metrics/<stem>.json) that the registry does not hold yet (same DVC
+hash) becomes a new version: an MLflow pyfunc (blip.serving) logged into the run that trained it, tagged with
+that run id, the git commit, the DVC hashes of the weights and metrics, and the metric. The alias (`champion`)
+then moves to the best new version only if it beats the current champion on the declared metric. Nothing new
+(a rerun with nothing changed) registers nothing and moves nothing. The changes go to reports/promotion.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from blip.config import ConfigError, Params
+from blip.config.tasks import RegisteredModel
+from blip.stages.common import parse_stage_args, stage_parser
+
+REPORT = Path("reports/promotion.md")
+
+
+@dataclass
+class Candidate:
+    stem: str
+    weights: Path
+    value: float
+    hashes: dict[str, str]  # tag -> hash
+
+
+def dvc_hashes(lock: Path = Path("dvc.lock")) -> dict[str, str]:
+    """Output path -> md5 recorded by DVC (empty without a dvc.lock)."""
+    if not lock.is_file():
+        return {}
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    return {out["path"]: out["md5"] for stage in stages.values() for out in stage.get("outs", []) if "md5" in out}
+
+
+def candidate(stem: str, spec: RegisteredModel, locked: dict[str, str]) -> Candidate | None:
+    weights, metrics = Path(f"models/{stem}.safetensors"), Path(f"metrics/{stem}.json")
+    if not (weights.is_file() and metrics.is_file()):
+        return None
+    values = json.loads(metrics.read_text())
+    if spec.metric not in values:
+        raise ConfigError(f"promotion: metric {spec.metric!r} is not in {metrics} (it has {', '.join(values)})")
+    hashes = {f"dvc.md5.{kind}": locked[str(path)] for kind, path in (("weights", weights), ("metrics", metrics))
+              if str(path) in locked}  # fmt: skip
+    # Outside DVC (a stage run by hand) the content hash stands in, so a rerun still registers nothing twice.
+    hashes.setdefault("dvc.md5.weights", "sha256:" + hashlib.sha256(weights.read_bytes()).hexdigest())
+    return Candidate(stem, weights, float(values[spec.metric]), hashes)
+
+
+def training_run(client, stem: str) -> str | None:
+    """The newest finished MLflow run of the stage that wrote models/<stem>.safetensors."""
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], f"tags.`blip.stage` = '{stem}' and "
+        "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"], max_results=1,
+    )  # fmt: skip
+    return runs[0].info.run_id if runs else None
+
+
+def better(spec: RegisteredModel, new: float, old: float) -> bool:
+    return new > old if spec.higher_is_better else new < old
+
+
+def promote_model(name: str, spec: RegisteredModel, alias: str, locked: dict[str, str]) -> list[str]:
+    """Register the new candidates of one model and move its alias if one wins; report lines."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from blip.serving import log_pyfunc
+    from blip.tracking.runs import git_commit
+
+    client = MlflowClient()
+    registered = {v.tags.get("dvc.md5.weights") for v in client.search_model_versions(f"name = '{name}'")}
+    lines, new = [], []
+    for stem in spec.candidates:
+        found = candidate(stem, spec, locked)
+        if found is None:
+            lines.append(f"| {name} | {stem} | - | not built |")
+        elif found.hashes["dvc.md5.weights"] in registered:
+            lines.append(f"| {name} | {stem} | {found.value:.4g} | already registered |")
+        else:
+            run_id = training_run(client, stem)
+            with mlflow.start_run(run_id=run_id, run_name=None if run_id else f"register-{stem}"):
+                info = log_pyfunc(spec.task, found.weights)
+                run_id = mlflow.active_run().info.run_id
+            tags = {**found.hashes, "blip.run_id": run_id, "git.commit": git_commit(), "blip.stem": stem,
+                    "blip.metric": spec.metric, "blip.metric_value": str(found.value)}  # fmt: skip
+            version = mlflow.register_model(info.model_uri, name, tags=tags)
+            new.append((found.value, version.version))
+            lines.append(f"| {name} | {stem} | {found.value:.4g} | registered as version {version.version} |")
+    if not new:
+        return lines
+    value, version = max(new) if spec.higher_is_better else min(new)
+    try:
+        champion = client.get_model_version_by_alias(name, alias)
+        held = float(champion.tags["blip.metric_value"]) if champion.tags.get("blip.metric") == spec.metric else None
+    except MlflowException:  # no champion yet
+        champion, held = None, None
+    if champion is None or held is None or better(spec, value, held):
+        client.set_registered_model_alias(name, alias, version)
+        before = "none" if champion is None else f"version {champion.version}"
+        lines.append(f"| {name} | version {version} | {value:.4g} | now `{alias}` (was {before}) |")
+    else:
+        lines.append(f"| {name} | version {version} | {value:.4g} | not better than `{alias}` ({held:.4g}) |")
+    return lines
+
+
+def promote(params: Params) -> str:
+    from blip.tracking.runs import use_experiment
+
+    use_experiment()
+    locked = dvc_hashes()
+    lines = ["| model | candidate | metric | outcome |", "|---|---|---|---|"]
+    for name, spec in params.promotion.models.items():
+        lines += promote_model(name, spec, params.promotion.alias, locked)
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _, params = parse_stage_args(stage_parser("promote", __doc__ or ""), argv)
+    report = promote(params)
+    REPORT.parent.mkdir(parents=True, exist_ok=True)
+    REPORT.write_text(report)
+    print(report, end="")
+    return 0
