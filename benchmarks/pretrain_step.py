@@ -6,7 +6,7 @@ dense peak.
 
 tiny = params.yaml's model (queue 0, as its pretrain section), base = configs/base.yaml's (ViT-B/16 at 224, BERT-base,
 queue 57,600 as BLIP). Inputs are random images and 30-token captions (BLIP's pretraining max_words is 30).
-Writes benchmarks/results/pretrain_step_<device>.json.
+Writes benchmarks/results/pretrain_step_<device>[_compile].json.
 """
 
 from __future__ import annotations
@@ -107,7 +107,8 @@ def main() -> None:
         print(f"{size:<5} {row['batch']:>5} {row['samples_per_s']:10.1f} {row['peak_memory_gib']:9.2f} "
               f"{row['gflops_per_sample']:13.1f} {row['achieved_tflops']:8.2f} {mfu:>6}")  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"pretrain_step_{device.type}.json").write_text(json.dumps(results, indent=2))
+    name = f"pretrain_step_{device.type}{'_compile' if args.compile else ''}.json"
+    (RESULTS / name).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
