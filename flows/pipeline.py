@@ -131,10 +131,8 @@ def stage_metrics(stage: str) -> dict[str, dict]:
 def mlflow_link(stage: str, parent_run_id: str | None) -> str:
     """A link to the stage's newest MLflow run (nested under this pipeline's run when there is one)."""
     import mlflow
-    from mlflow.tracking import MlflowClient
 
     uri = mlflow.get_tracking_uri()
-    client = MlflowClient()
     filters = [f"tags.`dvc.stage` = '{stage}'"]
     if parent_run_id:
         filters.append(f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
@@ -144,8 +142,8 @@ def mlflow_link(stage: str, parent_run_id: str | None) -> str:
         return "no MLflow run (up to date: DVC skipped it)"
     run = runs[0]
     if uri.startswith("http"):
-        experiment = client.get_experiment(run.info.experiment_id).experiment_id
-        return f"[MLflow run {run.info.run_id}]({uri.rstrip('/')}/#/experiments/{experiment}/runs/{run.info.run_id})"
+        address = f"{uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+        return f"[MLflow run {run.info.run_id}]({address})"
     return f"MLflow run `{run.info.run_id}` in `{uri}`"
 
 

@@ -24,7 +24,7 @@ from importlib import import_module
 from pathlib import Path
 from statistics import mean, stdev
 
-from blip.config import load_params
+from blip.config import ConfigError, load_params
 from blip.config.params import DEFAULT_PARAMS
 
 ARMS = {"filter": (False, True), "captioner": (True, False), "both": (True, True)}  # (use_captioner, use_filter)
@@ -120,6 +120,17 @@ def seed_runs(
     return results
 
 
+def check_settings(out: Path, params_file: Path, sets: list[str]) -> None:
+    """Finished arms are reused, so `out` must only ever hold runs of one configuration."""
+    settings = {"params": json.loads(load_params(params_file, sets).model_dump_json()), "overrides": sets}
+    recorded = out / "settings.json"
+    if recorded.is_file() and json.loads(recorded.read_text()) != settings:
+        raise ConfigError(f"{out} holds ablation runs made with other params or overrides ({recorded}); "
+                          "use another --out, or delete it to start over")  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    recorded.write_text(json.dumps(settings, indent=2))
+
+
 def table(results: dict[int, dict[str, dict]]) -> tuple[str, dict]:
     """Markdown and JSON: mean and std over seeds of each arm's summary metrics."""
     columns = ("r1_mean", "txt_r1", "img_r1", "semantic_r1_mean", "CIDEr", "filter_auc_itm", "filter_auc_itc")
@@ -154,6 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from blip.tracking.runs import git_commit, use_experiment
 
     params_file, out = args.params.resolve(), args.out.resolve()
+    check_settings(out, params_file, args.overrides)
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path('mlflow.db').resolve()}")
     # Runs made with the client, never "active": each stage opens its own run, nested by BLIP_PARENT_RUN_ID.
     client, experiment = MlflowClient(), use_experiment()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import random
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from blip.config import ConfigError
 from blip.data import language
 from blip.data.scene import sample_scene
 from blip.data.tokenizer import load_tokenizer
@@ -21,12 +23,12 @@ from blip.eval.filter_quality import removal_quality, roc_auc
 from blip.eval.retrieval import PairSplit, TopK, evaluate_retrieval, recall_at_k
 from blip.eval.world import semantic_recall_at_1
 from blip.models.factory import build_model
-from blip.stages.ablation import mirrored
+from blip.stages.ablation import check_settings, mirrored
 from blip.stages.ablation import table as ablation_table
 from blip.stages.capfilt import keep
 from blip.stages.nlvr import accuracy
 from blip.stages.vqa import weighted_answers
-from tests.conftest import TINY_BERT
+from tests.conftest import REPO, TINY_BERT
 from tests.unit.test_retrieval_eval import brute_force
 
 CPU = torch.device("cpu")
@@ -165,3 +167,11 @@ def test_ablation_table_reports_mean_and_std_over_seeds() -> None:
 def test_ablation_gives_the_repretraining_the_pretraining_budget() -> None:
     sets = ["pretrain.epochs=4", "pretrain.splits=[web]", "caption.lr=1e-4", "pretrain.steps_per_epoch=50"]
     assert mirrored(sets) == [*sets, "repretrain.epochs=4", "repretrain.steps_per_epoch=50"]
+
+
+def test_ablation_folder_holds_one_configuration_only(tmp_path: Path) -> None:
+    params = REPO / "params.yaml"
+    check_settings(tmp_path, params, ["pretrain.epochs=2"])
+    check_settings(tmp_path, params, ["pretrain.epochs=2"])  # the same again: its finished arms are reusable
+    with pytest.raises(ConfigError, match="holds ablation runs made with other params or overrides"):
+        check_settings(tmp_path, params, ["pretrain.epochs=4"])
