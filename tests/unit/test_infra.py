@@ -296,3 +296,23 @@ def test_multinode_job_rendezvous_is_consistent() -> None:
     (shm,) = [mount for mount in container["volumeMounts"] if mount["mountPath"] == "/dev/shm"]
     (volume,) = [volume for volume in pod["spec"]["volumes"] if volume["name"] == shm["name"]]
     assert volume["emptyDir"]["medium"] == "Memory"
+
+
+def test_prefect_yaml_deployments_match_the_pools_and_the_flows() -> None:
+    """The nightly and fine-tune deployments target the Kubernetes GPU pool with variables its template declares;
+    the CPU ones the process pool; every entrypoint exists (the e2e test deploys and runs `pipeline-cpu`)."""
+    project = yaml.load((REPO / "prefect.yaml").read_text(), Loader=Loader)
+    declared = set(json.loads(JOB_TEMPLATE.read_text())["variables"]["properties"])
+    deployments = {d["name"]: d for d in project["deployments"]}
+    assert set(deployments) == {"nightly", "pipeline-cpu", "finetune", "evaluate"}
+    assert [s["cron"] for s in deployments["nightly"]["schedules"]] == ["0 2 * * *"]
+    for name in ("nightly", "finetune"):
+        pool = deployments[name]["work_pool"]
+        assert pool["name"] == "gpu" and {"image", "gpu_count", "shm_size"} <= set(pool["job_variables"]) <= declared
+    for name in ("pipeline-cpu", "evaluate"):
+        assert deployments[name]["work_pool"] == {"name": "cpu"} and "schedules" not in deployments[name]
+    for deployment in deployments.values():
+        path, flow = deployment["entrypoint"].split(":")
+        assert f"def {flow}(" in (REPO / path).read_text()
+    (step,) = project["pull"]
+    assert step["prefect.deployments.steps.set_working_directory"]["directory"] == "{{ $BLIP_PROJECT_DIR }}"
