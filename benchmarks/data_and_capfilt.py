@@ -19,12 +19,13 @@ import json
 import random
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-from benchmarks.vs_transformers import ROOT, TOKENIZER, model_config
+from benchmarks.vs_transformers import ROOT, TOKENIZER, describe, model_config, timed
 from blip.config import load_params
 from blip.data.loader import make_loader, train_pipeline
 from blip.data.scene import render, sample_scene
@@ -74,16 +75,13 @@ def capfilt_rates(size: str, device: torch.device, batch: int, bf16: bool) -> di
     rates = {}
     for name, work in (("captions_per_s", lambda: captioner.generate(images, nucleus, generator)),
                        ("filter_pairs_per_s", lambda: filter_model.score_pairs(images, ids, mask))):  # fmt: skip
-        with torch.no_grad(), autocast:
-            work()  # warm-up
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(3):
+
+        @torch.no_grad()
+        def call(work: Callable[[], object] = work) -> None:
+            with autocast:
                 work()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-        rates[name] = 3 * batch / (time.perf_counter() - start)
+
+        rates[name] = batch / timed(call, device, repeats=3)
     return rates
 
 
@@ -95,7 +93,7 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true")
     args = parser.parse_args()
     device = torch.device(args.device)
-    results: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "loader": {}}
+    results: dict = {"device": describe(device), "loader": {}}
     step_file = RESULTS / f"pretrain_step_{device.type}.json"
     consumed = (
         json.loads(step_file.read_text())["sizes"].get("base", {}).get("samples_per_s") if step_file.is_file() else None

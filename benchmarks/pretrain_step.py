@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.flops import pretrain_flops_per_sample
-from benchmarks.vs_transformers import ROOT, TOKENIZER, model_config
+from benchmarks.vs_transformers import ROOT, TOKENIZER, describe, model_config
 from blip.config import load_params
 from blip.data.tokenizer import load_tokenizer
 from blip.models.factory import build_model
@@ -97,7 +97,7 @@ def main() -> None:
     device = torch.device(args.device)
     defaults = {"tiny": 64, "base": 48 if device.type == "cuda" else 4}
     batches = dict(zip(args.sizes, args.batch, strict=True)) if args.batch else defaults
-    results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
+    results = {"device": describe(device),
                "bf16": args.bf16, "compile": args.compile, "sizes": {}}  # fmt: skip
     print(f"{'size':<5} {'batch':>5} {'samples/s':>10} {'peak GiB':>9} {'GFLOP/sample':>13} {'TFLOP/s':>8} {'MFU':>6}")
     for size in args.sizes:

@@ -50,6 +50,10 @@ def model_config(size: str) -> ModelConfig:
                                            "text_dropout": 0.0, "max_text_positions": 512})  # fmt: skip
 
 
+def describe(device: torch.device) -> str:
+    return torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
+
+
 def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
     """Median seconds of `repeats` calls after two warm-up calls."""
     times = []
@@ -163,7 +167,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile our training step")
     args = parser.parse_args()
     device = torch.device(args.device)
-    results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
+    results = {"device": describe(device),
                "batch": args.batch, "bf16": args.bf16, "compile": args.compile, "sizes": {}}  # fmt: skip
     print(f"{'size':<5} {'what':<19} {'ours ms':>9} {'transformers ms':>16} {'ratio':>6}")
     for size in args.sizes:

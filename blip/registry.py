@@ -50,8 +50,8 @@ def candidate(stem: str, spec: RegisteredModel, locked: dict[str, str]) -> Candi
         raise ConfigError(f"promotion: metric {spec.metric!r} is not in {metrics} (it has {', '.join(values)})")
     hashes = {f"dvc.md5.{kind}": locked[str(path)] for kind, path in (("weights", weights), ("metrics", metrics))
               if str(path) in locked}  # fmt: skip
-    # Outside DVC (a stage run by hand) the content hash stands in, so a rerun still registers nothing twice.
-    hashes.setdefault("dvc.md5.weights", "sha256:" + hashlib.sha256(weights.read_bytes()).hexdigest())
+    if "dvc.md5.weights" not in hashes:  # outside DVC (a stage run by hand) the content hash stands in
+        hashes["dvc.md5.weights"] = "sha256:" + hashlib.sha256(weights.read_bytes()).hexdigest()
     return Candidate(stem, weights, float(values[spec.metric]), hashes)
 
 
