@@ -3,8 +3,9 @@
 A multiply-add is 2 FLOPs. Training costs 3x the forward (backward = 2x) for every pass that has gradients;
 the momentum encoders only run forward. Per sample: one image through the ViT, its caption through the text
 encoder (ITC), three image-text pairs through the image-grounded encoder (ITM: the positive and two hard
-negatives), one through the decoder (LM) with its vocabulary head, and the ITC similarities against the global
-batch and the queue. `tests/unit/test_flops.py` checks the count against torch's FlopCounterMode.
+negatives), one through the decoder (LM) with its vocabulary head on all but the last position, and the ITC
+similarities against the global batch and the queue. `tests/unit/test_flops.py` checks the count against torch's
+FlopCounterMode.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def text_forward(cfg: ModelConfig, text_len: int, cross: bool) -> int:
 
 def pretrain_flops_per_sample(cfg: ModelConfig, text_len: int, global_batch: int, queue: int) -> int:
     vocab = cfg.vocab_size or 30524
-    lm_head = 2 * text_len * (cfg.text_width * cfg.text_width + cfg.text_width * vocab)
+    # The head runs on every position but the last (it would predict past the end).
+    lm_head = 2 * (text_len - 1) * (cfg.text_width * cfg.text_width + cfg.text_width * vocab)
     itc = 2 * 2 * (global_batch + queue) * cfg.embed_dim  # image->text and text->image similarities
     trained = (vit_forward(cfg) + text_forward(cfg, text_len, cross=False) + 3 * text_forward(cfg, text_len, True)
                + text_forward(cfg, text_len, True) + lm_head + itc)  # fmt: skip

@@ -13,7 +13,7 @@ from torch import nn
 from blip.config.schema import ModelConfig
 from blip.data.tokenizer import SpecialTokens
 from blip.models.generation import GenerationConfig, beam_search, greedy_or_sample
-from blip.models.med import KVCache, TextDecoder, lm_loss
+from blip.models.med import KVCache, TextDecoder
 from blip.models.vit import create_vit
 
 PROMPT = "a picture of "
@@ -39,7 +39,9 @@ class BlipCaptioner(nn.Module):
         ids[:, 0] = self.tokens.bos
         labels = ids.masked_fill(ids == self.tokens.pad, -100)
         labels[:, : self.prompt_length] = -100
-        return lm_loss(self.text_decoder(ids, text_mask, image_embeds), labels, self.label_smoothing)
+        # The last prompt position predicts the first caption token; the ones before it predict nothing.
+        first = self.prompt_length - 1
+        return self.text_decoder.loss(ids, text_mask, image_embeds, labels, self.label_smoothing, first=first)
 
     def logits(self, images: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         ids = text_ids.clone()

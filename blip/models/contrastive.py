@@ -82,10 +82,9 @@ def copy_to_momentum(pairs: list[tuple[nn.Module, nn.Module]]) -> None:
 
 @torch.no_grad()
 def momentum_update(pairs: list[tuple[nn.Module, nn.Module]], momentum: float) -> None:
+    # ema + (1 - m) * (online - ema) = m * ema + (1 - m) * online, as one pass over memory instead of two.
     for online, ema in pairs:
-        ema_params = list(ema.parameters())
-        torch._foreach_mul_(ema_params, momentum)
-        torch._foreach_add_(ema_params, [p.detach() for p in online.parameters()], alpha=1 - momentum)
+        torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in online.parameters()], 1 - momentum)
 
 
 @torch.no_grad()
@@ -93,13 +92,16 @@ def enqueue(queues: list[torch.Tensor], pointer: torch.Tensor, gathered: list[to
     """Write this step's features, gathered over all ranks, as columns of the queues, FIFO."""
     if queues[0].shape[1] == 0:
         return  # no queue: negatives come from the global batch only
-    size = gathered[0].shape[0]
-    ptr = int(pointer)
-    if queues[0].shape[1] % size:
-        raise ValueError(f"queue size {queues[0].shape[1]} is not a multiple of the global batch {size}")
+    size, length = gathered[0].shape[0], queues[0].shape[1]
+    if length % size:
+        raise ValueError(f"queue size {length} is not a multiple of the global batch {size}")
+    # The columns are computed on the device: reading the pointer on the host (int(pointer)) would wait for the
+    # GPU every step and break a torch.compile graph in two.
+    columns = pointer + torch.arange(size, device=pointer.device)
     for queue, feats in zip(queues, gathered, strict=True):
-        queue[:, ptr : ptr + size] = feats.T if feats.dim() == 2 else feats
-    pointer[0] = (ptr + size) % queues[0].shape[1]
+        rows = feats.T if feats.dim() == 2 else feats[None]
+        queue.index_copy_(1, columns, rows.to(queue.dtype))  # features may come in bf16 from autocast
+    pointer.add_(size).remainder_(length)
 
 
 def ramped_alpha(alpha: float, step: int, steps_per_epoch: int, ramp_epochs: float) -> float:

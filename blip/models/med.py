@@ -229,19 +229,22 @@ class LMHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         head = self.predictions
-        return head.decoder(head.transform(hidden)) + head.bias
+        # The bias inside the matmul (addmm): adding it afterwards costs one more pass over [B, L, vocab].
+        return F.linear(head.transform(hidden), head.decoder.weight, head.bias)
 
 
 def lm_loss(
-    logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float, reduction: str = "mean"
+    logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float, reduction: str = "mean"
 ) -> torch.Tensor:
-    """Next-token cross-entropy (positions labelled -100 ignored); 'none' gives each sequence's summed loss."""
-    shifted, targets = logits[:, :-1].contiguous(), labels[:, 1:].contiguous()
+    """Cross-entropy of `logits` [B, T, V] against `targets` [B, T] (the next tokens; -100 ignored).
+
+    'mean' averages over the targeted tokens; 'none' gives each sequence's summed loss.
+    """
     loss = F.cross_entropy(
-        shifted.flatten(0, 1), targets.flatten(), ignore_index=-100, label_smoothing=label_smoothing,
+        logits.flatten(0, 1), targets.flatten(), ignore_index=-100, label_smoothing=label_smoothing,
         reduction="none" if reduction == "none" else "mean",
     )  # fmt: skip
-    return loss.view(labels.shape[0], -1).sum(1) if reduction == "none" else loss
+    return loss.view(targets.shape[0], -1).sum(1) if reduction == "none" else loss
 
 
 class TextDecoder(nn.Module):
@@ -266,6 +269,25 @@ class TextDecoder(nn.Module):
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         return self.cls(self.bert(input_ids, attention_mask, image_embeds, image_mask, causal=True, cache=cache))
+
+    def loss(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        context: torch.Tensor,
+        labels: torch.Tensor,
+        label_smoothing: float,
+        context_mask: torch.Tensor | None = None,
+        first: int = 0,
+        reduction: str = "mean",
+    ) -> torch.Tensor:
+        """LM loss: position t predicts `labels[:, t + 1]` (-100 ignored), for t >= `first`.
+
+        The vocabulary projection is the decoder's largest matmul at small widths, so it runs only where a target
+        can be: not on the last position, nor before `first` (a prompt whose tokens are never targets).
+        """
+        hidden = self.bert(input_ids, attention_mask, context, context_mask, causal=True)
+        return lm_loss(self.cls(hidden[:, first:-1]), labels[:, first + 1 :], label_smoothing, reduction)
 
 
 def share_except_self_attention(encoder: MED, decoder: MED) -> None:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from blip.config.schema import ModelConfig
 from blip.data.tokenizer import SpecialTokens
 from blip.models.contrastive import DualEncoder, enqueue
-from blip.models.med import TextDecoder, lm_loss, share_except_self_attention
+from blip.models.med import TextDecoder, share_except_self_attention
 
 
 @dataclass
@@ -68,6 +68,6 @@ class BlipPretrain(DualEncoder):
         dec_ids = text_ids.clone()
         dec_ids[:, 0] = self.tokens.bos
         labels = dec_ids.masked_fill(dec_ids == self.tokens.pad, -100)
-        lm = lm_loss(self.text_decoder(dec_ids, text_mask, image_embeds), labels, self.label_smoothing)
+        lm = self.text_decoder.loss(dec_ids, text_mask, image_embeds, labels, self.label_smoothing)
 
         return PretrainLosses(itc.loss + itm + lm, itc.loss, itm, lm, itc.accuracy)

@@ -16,7 +16,7 @@ from blip.config.schema import ModelConfig
 from blip.data.tokenizer import SpecialTokens
 from blip.models.caption import decode
 from blip.models.generation import GenerationConfig
-from blip.models.med import MED, TextDecoder, lm_loss
+from blip.models.med import MED, TextDecoder
 from blip.models.vit import create_vit
 
 ANSWER_GENERATION = GenerationConfig(method="beam", num_beams=3, max_length=10, min_length=1)
@@ -38,11 +38,14 @@ class BlipVQA(nn.Module):
         ids[:, 0] = self.tokens.enc
         return self.text_encoder(ids, question_mask, self.visual_encoder(images))
 
-    def answer_logits(self, states: torch.Tensor, state_mask: torch.Tensor | None, answer_ids: torch.Tensor,
-                      answer_mask: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    def answer_loss(self, states: torch.Tensor, state_mask: torch.Tensor | None, answer_ids: torch.Tensor,
+                    answer_mask: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """Each answer's summed LM loss ([DEC] answer [SEP]) given its question's states."""
         ids = answer_ids.clone()
         ids[:, 0] = self.tokens.bos
-        return self.text_decoder(ids, answer_mask, states, state_mask)
+        labels = ids.masked_fill(answer_mask == 0, -100)
+        return self.text_decoder.loss(ids, answer_mask, states, labels, self.label_smoothing, state_mask,
+                                      reduction="none")  # fmt: skip
 
     def forward(
         self,
@@ -58,10 +61,7 @@ class BlipVQA(nn.Module):
         states = self.encode_question(images, question_ids, question_mask)
         states = states.repeat_interleave(answers_per_question, dim=0)
         mask = question_mask.repeat_interleave(answers_per_question, dim=0)
-        logits = self.answer_logits(states, mask, answer_ids, answer_mask)
-        labels = answer_ids.masked_fill(answer_mask == 0, -100)
-        labels[:, 0] = -100
-        per_answer = lm_loss(logits, labels, self.label_smoothing, reduction="none")
+        per_answer = self.answer_loss(states, mask, answer_ids, answer_mask)
         return (weights * per_answer).sum() / images.shape[0]
 
     @torch.no_grad()
@@ -95,11 +95,8 @@ class BlipVQA(nn.Module):
 
         candidates = answer_ids[top_ids.flatten()]
         candidate_mask = answer_mask[top_ids.flatten()]
-        logits = self.answer_logits(
-            states.repeat_interleave(k, 0), question_mask.repeat_interleave(k, 0), candidates, candidate_mask
-        )
-        labels = candidates.masked_fill(candidate_mask == 0, -100)
-        labels[:, 0] = -100
         # BLIP re-scores with its training loss (label smoothing included): lowest loss wins.
-        loss = lm_loss(logits, labels, self.label_smoothing, reduction="none").view(questions, k)
+        loss = self.answer_loss(
+            states.repeat_interleave(k, 0), question_mask.repeat_interleave(k, 0), candidates, candidate_mask
+        ).view(questions, k)
         return top_ids.gather(1, loss.argmin(1, keepdim=True)).squeeze(1)

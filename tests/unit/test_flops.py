@@ -27,4 +27,4 @@ def test_analytic_pretrain_flops_match_the_counter(update: dict) -> None:
         model(images, ids, torch.ones_like(ids), alpha=0.4).loss.backward()
     counted = counter.get_total_flops() / batch
     analytic = pretrain_flops_per_sample(cfg, text_len, global_batch=batch, queue=0)
-    assert analytic == pytest.approx(counted, rel=0.02)  # measured: 0.0% and 1.1%
+    assert analytic == pytest.approx(counted, rel=0.02)  # measured: 0.7% and 1.2%

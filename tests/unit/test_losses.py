@@ -66,16 +66,17 @@ def test_negative_weights_follow_similarity() -> None:
 
 
 def test_label_smoothed_lm_loss_by_hand() -> None:
-    logits = torch.tensor([[[2.0, 0.0, 0.0, 0.0], [0.0, 3.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]]])
-    labels = torch.tensor([[-100, 1, -100]])  # only position 0 predicts (label 1); position 1 is ignored
+    logits = torch.tensor([[[2.0, 0.0, 0.0, 0.0], [0.0, 3.0, 0.0, 1.0]]])
+    targets = torch.tensor([[1, -100]])  # only position 0 has a target (token 1); position 1 is ignored
     log_p = F.log_softmax(logits[0, 0], -1)
     eps = 0.1
     expected = (1 - eps) * -log_p[1] + eps * -log_p.mean()
-    assert lm_loss(logits, labels, eps).item() == pytest.approx(expected.item(), abs=1e-6)
-    both = torch.tensor([[-100, 1, 3]])
+    assert lm_loss(logits, targets, eps).item() == pytest.approx(expected.item(), abs=1e-6)
+    both = torch.tensor([[1, 3]])
     second = F.log_softmax(logits[0, 1], -1)
     per_sequence = expected + (1 - eps) * -second[3] + eps * -second.mean()
     assert lm_loss(logits, both, eps, reduction="none").item() == pytest.approx(per_sequence.item(), abs=1e-5)
+    assert lm_loss(logits, both, eps).item() == pytest.approx(per_sequence.item() / 2, abs=1e-5)
 
 
 def test_captioner_masks_the_prompt_from_the_loss() -> None:
@@ -88,7 +89,9 @@ def test_captioner_masks_the_prompt_from_the_loss() -> None:
     logits = model.logits(images, ids, mask)
     targets = torch.full_like(ids, -100)
     targets[0, 4:7] = ids[0, 4:7]  # caption tokens and [SEP]; not [DEC], the prompt or padding
-    assert model(images, ids, mask).item() == pytest.approx(lm_loss(logits, targets, 0.1).item(), abs=1e-6)
+    # Position t predicts token t + 1: the loss reads the logits the decoder gives at every position.
+    expected = lm_loss(logits[:, :-1], targets[:, 1:], 0.1)
+    assert model(images, ids, mask).item() == pytest.approx(expected.item(), abs=1e-6)
     assert model.prompt_length == 4 and model.prompt.tolist() == [T.bos, *prompt_ids]
 
 
@@ -141,15 +144,27 @@ def test_retrieval_id_queue_makes_queued_captions_of_the_same_image_positives(mo
     assert torch.isfinite(out.loss) and int(model.ptr_queue) == 0  # the queue wrapped around
 
 
+def test_momentum_update_is_an_exponential_moving_average() -> None:
+    torch.manual_seed(0)
+    online, ema = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    before = [p.detach().clone() for p in ema.parameters()]
+    C.momentum_update([(online, ema)], 0.995)
+    for old, new, p in zip(before, ema.parameters(), online.parameters(), strict=True):
+        assert torch.allclose(new, 0.995 * old + 0.005 * p.detach(), atol=1e-7)
+
+
 def test_queue_must_divide_by_the_global_batch() -> None:
     queue = torch.zeros(2, 10)
     with pytest.raises(ValueError, match="not a multiple of the global batch 4"):
         C.enqueue([queue], torch.zeros(1, dtype=torch.long), [torch.ones(4, 2)])
     pointer = torch.zeros(1, dtype=torch.long)
-    queue = torch.zeros(2, 8)
+    queue, ids = torch.zeros(2, 8), torch.full((1, 8), -100)
     for step in range(3):
-        C.enqueue([queue], pointer, [torch.full((4, 2), float(step + 1))])
+        # bf16 features (as under autocast) land in the float32 queue; image ids fill a [1, K] queue.
+        feats = torch.full((4, 2), float(step + 1), dtype=torch.bfloat16)
+        C.enqueue([queue, ids], pointer, [feats, torch.arange(4) + 10 * step])
     assert queue[0].tolist() == [3, 3, 3, 3, 2, 2, 2, 2] and int(pointer) == 4
+    assert ids[0].tolist() == [20, 21, 22, 23, 10, 11, 12, 13] and queue.dtype == torch.float32
 
 
 def test_alpha_ramps_linearly_over_the_first_epochs() -> None:

@@ -30,6 +30,15 @@ def tokens(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     return batch.input_ids, batch.attention_mask
 
 
+def answer_loss_by_hand(vqa: BlipVQA, states: torch.Tensor, q_mask: torch.Tensor, ids: torch.Tensor,
+                        mask: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """Summed label-smoothed loss of [DEC] answer [SEP] from the decoder's logits at every position."""
+    dec = ids.clone()
+    dec[:, 0] = T.bos
+    logits = vqa.text_decoder(dec, mask, states, q_mask)
+    return lm_loss(logits[:, :-1], ids.masked_fill(mask == 0, -100)[:, 1:], 0.1, reduction="none")
+
+
 @pytest.fixture(scope="module")
 def vqa() -> BlipVQA:
     torch.manual_seed(0)
@@ -66,9 +75,8 @@ def test_answer_ranking_equals_brute_force(vqa: BlipVQA) -> None:
         for q in range(2):
             losses = []
             for a in range(len(ANSWERS)):
-                logits = vqa.answer_logits(states[q : q + 1], q_mask[q : q + 1], a_ids[a : a + 1], a_mask[a : a + 1])
-                labels = a_ids[a : a + 1].masked_fill(a_mask[a : a + 1] == 0, -100)
-                losses.append(lm_loss(logits, labels, 0.1, reduction="none").item())
+                pair = (states[q : q + 1], q_mask[q : q + 1], a_ids[a : a + 1], a_mask[a : a + 1])
+                losses.append(answer_loss_by_hand(vqa, *pair).item())
             brute.append(min(range(len(ANSWERS)), key=losses.__getitem__))
     assert best.tolist() == brute
     # With k = 2 the winner must be one of the two answers whose first token is most likely.
@@ -92,9 +100,8 @@ def test_vqa_loss_weights_answers_per_question(vqa: BlipVQA) -> None:
         states = vqa.encode_question(images, q_ids, q_mask)
         parts = []
         for a, q in enumerate([0, 0, 1]):
-            logits = vqa.answer_logits(states[q : q + 1], q_mask[q : q + 1], a_ids[a : a + 1], a_mask[a : a + 1])
-            labels = a_ids[a : a + 1].masked_fill(a_mask[a : a + 1] == 0, -100)
-            parts.append(weights[a] * lm_loss(logits, labels, 0.1, reduction="none"))
+            pair = (states[q : q + 1], q_mask[q : q + 1], a_ids[a : a + 1], a_mask[a : a + 1])
+            parts.append(weights[a] * answer_loss_by_hand(vqa, *pair))
     assert loss.item() == pytest.approx((sum(parts) / 2).item(), abs=1e-5)
 
 
