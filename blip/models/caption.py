@@ -74,8 +74,7 @@ def decode(
         state["mask"] = context_mask.repeat_interleave(repeat, 0)
 
     def step(ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        logits = decoder(ids, attention_mask, state["context"], state["mask"], cache=state["cache"])
-        return logits[:, -1]
+        return decoder.next_token_logits(ids, attention_mask, state["context"], state["mask"], state["cache"])
 
     def reorder(index: torch.Tensor) -> None:
         state["cache"].select(index)

@@ -69,8 +69,8 @@ def greedy_or_sample(
         token = torch.where(done, torch.full_like(token, pad), token)
         seqs = torch.cat([seqs, token[:, None]], dim=1)
         done |= token == eos
-        if done.all():
-            break
+        if done.all() or seqs.shape[1] >= cfg.max_length:
+            break  # no decoder step for a token nobody will read
         logits = step(token[:, None], torch.ones_like(seqs))
     return _strip(seqs, prompt.shape[1], eos)
 

@@ -266,9 +266,21 @@ class TextDecoder(nn.Module):
         attention_mask: torch.Tensor,
         image_embeds: torch.Tensor,
         image_mask: torch.Tensor | None = None,
-        cache: KVCache | None = None,
     ) -> torch.Tensor:
-        return self.cls(self.bert(input_ids, attention_mask, image_embeds, image_mask, causal=True, cache=cache))
+        """Next-token logits at every position [B, L, vocab]."""
+        return self.cls(self.bert(input_ids, attention_mask, image_embeds, image_mask, causal=True))
+
+    def next_token_logits(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        context: torch.Tensor,
+        context_mask: torch.Tensor | None,
+        cache: KVCache,
+    ) -> torch.Tensor:
+        """Decoding: run the new positions through the cached decoder; logits [B, vocab] after the last one only
+        (the vocabulary head on the prompt's other positions would be wasted)."""
+        return self.cls(self.bert(input_ids, attention_mask, context, context_mask, causal=True, cache=cache)[:, -1])
 
     def loss(
         self,
