@@ -3,10 +3,12 @@ AdamW): samples/s, peak memory, model FLOPs per sample (benchmarks/flops.py) and
 dense peak.
 
     python -m benchmarks.pretrain_step [--sizes tiny base] [--device cuda] [--bf16] [--compile] [--batch 32]
+    python -m benchmarks.pretrain_step --sizes base base --batch 96 192 --profile   (a batch sweep; a kernel table)
 
 tiny = params.yaml's model (queue 0, as its pretrain section), base = configs/base.yaml's (ViT-B/16 at 224, BERT-base,
 queue 57,600 as BLIP). Inputs are random images and 30-token captions (BLIP's pretraining max_words is 30).
-Writes benchmarks/results/pretrain_step_<device>[_compile].json.
+Writes benchmarks/results/pretrain_step_<device>[_compile].json and, with --profile, the top operators of the last
+run's steps by device time to pretrain_profile_<device>[_compile].txt.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.flops import pretrain_flops_per_sample
 from benchmarks.vs_transformers import ROOT, TOKENIZER, describe, model_config
@@ -40,7 +43,8 @@ def peak_flops(device: torch.device) -> float | None:
     return next((peak for key, peak in PEAKS.items() if key in name), None)
 
 
-def bench(size: str, device: torch.device, batch: int, steps: int, bf16: bool, compile_: bool) -> dict:
+def bench(size: str, device: torch.device, batch: int, steps: int, bf16: bool, compile_: bool,
+          profile_to: Path | None = None) -> dict:  # fmt: skip
     cfg = model_config(size)
     section = load_params(ROOT / ("params.yaml" if size == "tiny" else "configs/base.yaml")).pretrain
     torch.manual_seed(0)
@@ -48,6 +52,8 @@ def bench(size: str, device: torch.device, batch: int, steps: int, bf16: bool, c
         build_model("pretrain", cfg, load_tokenizer(TOKENIZER), section.queue_size, section.momentum).to(device).train()
     )
     optimizer = build_optimizer(model, section, device)
+    # A fresh compilation per run: otherwise a second batch size would turn on dynamic shapes (slower kernels).
+    torch._dynamo.reset()
     forward = torch.compile(model) if compile_ else model
     images = torch.randn(batch, 3, cfg.image_size, cfg.image_size, device=device)
     ids = torch.randint(1000, 29000, (batch, TEXT_LEN), device=device)
@@ -75,6 +81,15 @@ def bench(size: str, device: torch.device, batch: int, steps: int, bf16: bool, c
     seconds = (time.perf_counter() - start) / steps
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # fmt: skip
+    if profile_to is not None:  # after timing and memory: the profiler's overhead stays out of them
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for _ in range(3):
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        profile_to.write_text(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70))
     flops = pretrain_flops_per_sample(cfg, TEXT_LEN, batch, section.queue_size)
     achieved = flops * batch / seconds
     out = {"batch": batch, "step_s": seconds, "samples_per_s": batch / seconds, "peak_memory_gib": peak / 2**30,
@@ -93,22 +108,26 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="write a torch.profiler table of the last run")
     args = parser.parse_args()
     device = torch.device(args.device)
     defaults = {"tiny": 64, "base": 48 if device.type == "cuda" else 4}
-    batches = dict(zip(args.sizes, args.batch, strict=True)) if args.batch else defaults
-    results = {"device": describe(device),
-               "bf16": args.bf16, "compile": args.compile, "sizes": {}}  # fmt: skip
+    batches = args.batch or [defaults[size] for size in args.sizes]
+    if len(batches) != len(args.sizes):
+        parser.error(f"--batch needs one value per size ({len(args.sizes)}), got {len(batches)}")
+    suffix = f"{device.type}{'_compile' if args.compile else ''}"
+    results = {"device": describe(device), "bf16": args.bf16, "compile": args.compile, "runs": []}
     print(f"{'size':<5} {'batch':>5} {'samples/s':>10} {'peak GiB':>9} {'GFLOP/sample':>13} {'TFLOP/s':>8} {'MFU':>6}")
-    for size in args.sizes:
-        row = bench(size, device, batches[size], args.steps, args.bf16, args.compile)
-        results["sizes"][size] = row
+    for i, (size, batch) in enumerate(zip(args.sizes, batches, strict=True)):
+        last = i == len(args.sizes) - 1
+        profile_to = RESULTS / f"pretrain_profile_{suffix}.txt" if args.profile and last else None
+        RESULTS.mkdir(exist_ok=True)
+        row = {"size": size} | bench(size, device, batch, args.steps, args.bf16, args.compile, profile_to)
+        results["runs"].append(row)
         mfu = f"{row['mfu']:.1%}" if "mfu" in row else "-"
         print(f"{size:<5} {row['batch']:>5} {row['samples_per_s']:10.1f} {row['peak_memory_gib']:9.2f} "
               f"{row['gflops_per_sample']:13.1f} {row['achieved_tflops']:8.2f} {mfu:>6}")  # fmt: skip
-    RESULTS.mkdir(exist_ok=True)
-    name = f"pretrain_step_{device.type}{'_compile' if args.compile else ''}.json"
-    (RESULTS / name).write_text(json.dumps(results, indent=2))
+    (RESULTS / f"pretrain_step_{suffix}.json").write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -144,6 +144,20 @@ def test_retrieval_id_queue_makes_queued_captions_of_the_same_image_positives(mo
     assert torch.isfinite(out.loss) and int(model.ptr_queue) == 0  # the queue wrapped around
 
 
+def test_queue_update_stays_in_one_compiled_graph() -> None:
+    # Reading the pointer on the host (int(pointer)) split torch.compile's graph and synced the GPU every step.
+    queue, pointer = torch.zeros(2, 8), torch.zeros(1, dtype=torch.long)
+
+    def step(feats: torch.Tensor) -> torch.Tensor:
+        feats = feats * 2
+        C.enqueue([queue], pointer, [feats])
+        return feats.sum()
+
+    explained = torch._dynamo.explain(step)(torch.ones(4, 2))
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    assert queue[0].tolist() == [2, 2, 2, 2, 0, 0, 0, 0] and int(pointer) == 4
+
+
 def test_momentum_update_is_an_exponential_moving_average() -> None:
     torch.manual_seed(0)
     online, ema = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
