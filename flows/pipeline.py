@@ -17,9 +17,12 @@ import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -29,6 +32,7 @@ PROJECT = Path(os.environ.get("BLIP_PROJECT_DIR", Path(__file__).resolve().paren
 STAGE_TIMEOUT_S = float(os.environ.get("BLIP_STAGE_TIMEOUT_S", 12 * 3600))  # a base-size pretrain is hours
 PROGRESS_EVERY_S = 15.0  # progress bars redraw many times a second: log one line per bar this often
 CONFIG_ERROR = 2  # `blip` exits 2 on a configuration or usage error
+STOP_GRACE_S = 30.0  # after SIGTERM, how long a stopped stage may take to end its MLflow run before SIGKILL
 
 
 class StageFailed(RuntimeError):
@@ -53,10 +57,34 @@ def _retry_condition(task_, task_run, state) -> bool:  # Prefect's callback: (ta
     return isinstance(exc, TimeoutError | OSError)
 
 
+@contextmanager
+def process_group(args: list[str], env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
+    """Start `args` in the project as its own process group. Leaving early (the task's timeout, a cancellation)
+    stops the whole group (dvc, blip and its data workers) rather than orphaning it: SIGTERM, which `blip` turns
+    into a clean stop (its MLflow run ends as KILLED), then SIGKILL after STOP_GRACE_S."""
+    proc = subprocess.Popen(args, cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # fmt: skip
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
 def run_logged(args: list[str], env: dict[str, str] | None = None) -> tuple[int, str]:
     """Run a command in the project, streaming its lines to the Prefect log (progress bars throttled)."""
+    with process_group(args, env) as proc:
+        output = _stream_to_log(proc)  # to the end of its output, then its exit code
+        return proc.wait(), output
+
+
+def _stream_to_log(proc: subprocess.Popen) -> str:
     logger = get_run_logger()
-    proc = subprocess.Popen(args, cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     # newline="": keep "\r", which tells a progress-bar redraw from a finished line.
     stream = io.TextIOWrapper(proc.stdout, encoding="utf-8", errors="replace", newline="")
     lines: list[str] = []
@@ -77,7 +105,7 @@ def run_logged(args: list[str], env: dict[str, str] | None = None) -> tuple[int,
     if buffer.strip():
         lines.append(buffer)
         logger.info(buffer)
-    return proc.wait(), "\n".join(lines)
+    return "\n".join(lines)
 
 
 def dvc(*args: str) -> list[str]:

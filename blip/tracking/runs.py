@@ -89,4 +89,8 @@ def stage_run(stage: str, params: Params, run_id: str | None = None) -> Iterator
                           log_system_metrics=system_metrics):  # fmt: skip
         if run_id is None:  # a resumed run already holds its params (MLflow refuses to overwrite them)
             mlflow.log_params({k: str(v)[:MAX_PARAM_LENGTH] for k, v in flatten(params).items()})
-        yield StageRun(mlflow)
+        try:
+            yield StageRun(mlflow)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM (blip.cli): stopped, which is neither failed nor running
+            mlflow.end_run("KILLED")
+            raise

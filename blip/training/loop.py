@@ -133,8 +133,9 @@ class Trainer:
                     batch = next(stream)
                 losses = self._micro_step(batch, compute, sync=micro == cfg.accumulation - 1)
                 self.position.advance(batch)
-                for name, value in losses.items():
-                    totals[name] = totals.get(name, 0.0) + value.float().item() / cfg.accumulation
+                values = torch.stack([v.float() for v in losses.values()]).tolist()  # one device-to-host copy
+                for name, value in zip(losses, values, strict=True):
+                    totals[name] = totals.get(name, 0.0) + value / cfg.accumulation
             if not all_true(math.isfinite(totals["loss"]), self.ctx):
                 last = checkpoints.checkpoints(cfg.checkpoint_dir)
                 raise NonFiniteLossError(

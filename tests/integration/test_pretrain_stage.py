@@ -81,6 +81,26 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(project: Path, tmp_path
     assert steps[-1] == 20 and 16 in steps
 
 
+def test_sigterm_stops_cleanly_and_ends_the_run_as_killed(project: Path, tmp_path: Path) -> None:
+    # SIGTERM is how schedulers stop work (a Prefect timeout, a Kubernetes eviction): the run must not stay RUNNING.
+    command = [sys.executable, "-m", "blip", "pretrain"]
+    process = subprocess.Popen(command + run_args(project, tmp_path), cwd=tmp_path, env=env_for(tmp_path),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    target = tmp_path / "checkpoints" / "step-000000005.pt"
+    deadline = time.monotonic() + 300
+    while not target.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "blip pretrain: stopped (signal SIGTERM)" in stderr
+    assert target.exists() and not (tmp_path / "weights.safetensors").exists()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (experiment,) = client.search_experiments(filter_string="name = 'blip-pipeline'")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "KILLED" and run.info.end_time is not None
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import signal
+import sys
+from pathlib import Path
+
+import pytest
 from prefect.states import Failed
 
-from flows.pipeline import StageFailed, _retry_condition, is_retryable, stage_order
+from flows.pipeline import StageFailed, _retry_condition, is_retryable, process_group, stage_order
 
 
 def test_config_errors_are_not_retried_infrastructure_failures_are() -> None:
@@ -30,3 +35,21 @@ def test_stage_order_is_dvcs() -> None:
     needed = stage_order(["capfilt"])
     assert set(needed) == {"ingest", "vocab", "pretrain", "caption-finetune@pretrain", "retrieval-finetune@pretrain",
                            "capfilt"} and needed[-1] == "capfilt"  # fmt: skip
+
+
+def _gone(pid: int) -> bool:
+    """Exited (a zombie nobody has reaped yet counts: it runs nothing)."""
+    status = Path(f"/proc/{pid}/status")
+    return not status.exists() or "State:\tZ" in status.read_text()
+
+
+def test_a_stage_left_early_is_stopped_with_its_children() -> None:
+    # A stage that starts a worker of its own (as blip's data loader does), then runs until stopped.
+    script = ("import subprocess, sys, time; "
+              "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+              "print(child.pid, flush=True); time.sleep(120)")  # fmt: skip
+    with pytest.raises(TimeoutError), process_group([sys.executable, "-c", script]) as proc:
+        child = int(proc.stdout.readline())
+        raise TimeoutError("the task's timeout")  # what Prefect raises in the task when it times out
+    assert proc.returncode == -signal.SIGTERM
+    assert _gone(child)
