@@ -88,7 +88,7 @@ def bench(size: str, device: torch.device, batch: int, steps: int, bf16: bool, c
                 step()
             if device.type == "cuda":
                 torch.cuda.synchronize()
-        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
         profile_to.write_text(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70))
     flops = pretrain_flops_per_sample(cfg, TEXT_LEN, batch, section.queue_size)
     achieved = flops * batch / seconds
