@@ -63,9 +63,23 @@ def template() -> dict[str, Any]:
     return json.loads(JOB_TEMPLATE.read_text())
 
 
-def project_pins() -> dict[str, str]:
-    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+def project_pins(extra: str | None = None) -> dict[str, str]:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    deps = project["optional-dependencies"][extra] if extra else project["dependencies"]
     return dict(dep.split("==", 1) for dep in deps if "==" in dep)
+
+
+def lock_pins() -> dict[str, str]:
+    lines = (REPO / "requirements.lock.txt").read_text().splitlines()
+    return {name.lower(): version for name, version in (line.split("==", 1) for line in lines if "==" in line)}
+
+
+def test_the_lock_holds_every_pin_of_the_project_and_its_extras() -> None:
+    # `pip install -c requirements.lock.txt ".[s3]"` must resolve offline to what was tested.
+    lock = lock_pins()
+    for extra in (None, "dev", "s3"):
+        for name, version in project_pins(extra).items():
+            assert lock.get(name.lower()) == version, (extra, name)
 
 
 def pinned(ref: str) -> bool:
@@ -206,7 +220,7 @@ def test_training_dockerfile_pins_the_project_stack() -> None:
     assert pins["torch"] == "2.14.1" and pins["torchvision"] == "0.29.1"
     for package in ("torch", "torchvision"):
         assert re.search(rf"(?<![\w-]){package}=={re.escape(pins[package])}(?![\w.])", text), package
-    assert "-c requirements.lock.txt" in text
+    assert '-c requirements.lock.txt ".[s3]"' in text  # the flows pull and push to the S3 remote
     assert re.search(r"^WORKDIR /workspace$", text, flags=re.MULTILINE)
     assert re.search(r"HF_HUB_OFFLINE=1", text)
     cmd = [line for line in text.splitlines() if line.startswith("CMD ")]
