@@ -1,8 +1,8 @@
 """`blip promote`: the model-registry gate, run after evaluation (the Prefect pipeline's last step).
 
-For each registered model in `params.promotion.models` (blip-captioner, blip-retrieval, blip-vqa), every candidate
-output (models/<stem>.safetensors, evaluated in metrics/<stem>.json) that the registry does not hold yet (same DVC
-hash) becomes a new version: an MLflow pyfunc (blip.serving) logged into the run that trained it, tagged with
+For each registered model in `params.promotion.models` (blip-captioner, blip-retrieval, blip-vqa, blip-nlvr), every
+candidate output (models/<stem>.safetensors, evaluated in metrics/<stem>.json) that the registry does not hold yet
+(same DVC hash) becomes a new version: an MLflow pyfunc (blip.serving) logged into the run that trained it, tagged with
 that run id, the git commit, the DVC hashes of the weights and metrics, and the metric. The alias (`champion`)
 then moves to the best new version only if it beats the current champion on the declared metric. Nothing new
 (a rerun with nothing changed) registers nothing and moves nothing. The changes go to reports/promotion.md.

@@ -1,10 +1,12 @@
 """Trained weights as an MLflow pyfunc model: what the registry holds and `mlflow models serve` answers with.
 
 Input: a table with a base64-encoded image per row (`image`, any format PIL reads) and, by task, `text` (retrieval:
-the caption to score) or `question` (VQA). Output, one row per input row:
+the caption to score; NLVR2: the statement), `question` (VQA) or a second image `image2` (NLVR2). Output, one row
+per input row:
 - caption: `caption` (beam search, BLIP's settings: 3 beams, 5 to 20 tokens);
 - retrieval: `itm_probability` (the filter's match probability) and `itc_similarity`;
-- vqa: `answer` (generated).
+- vqa: `answer` (generated);
+- nlvr: `probability_true` (that the statement is true of the image pair) and `label` (above 0.5).
 The model folder carries the weights (config inside), the tokenizer's vocabulary and the `blip` package itself.
 """
 
@@ -21,8 +23,9 @@ import pandas as pd
 import torch
 from PIL import Image
 
-TASKS = ("caption", "retrieval", "vqa")
-INPUTS = {"caption": ["image"], "retrieval": ["image", "text"], "vqa": ["image", "question"]}
+TASKS = ("caption", "retrieval", "vqa", "nlvr")
+INPUTS = {"caption": ["image"], "retrieval": ["image", "text"], "vqa": ["image", "question"],
+          "nlvr": ["image", "image2", "text"]}  # fmt: skip
 BATCH = 32
 RUNTIME = (
     "torch",
@@ -66,7 +69,7 @@ class BlipPyfunc(mlflow.pyfunc.PythonModel):
             try:
                 decoded.append(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB"))
             except Exception as exc:  # a clear error naming the row, not a stack trace from PIL
-                raise ValueError(f"row {row}: `image` is not a base64-encoded image ({exc})") from exc
+                raise ValueError(f"row {row}: `{column.name}` is not a base64-encoded image ({exc})") from exc
         return torch.stack([self.transform(image) for image in decoded])
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
@@ -82,11 +85,15 @@ class BlipPyfunc(mlflow.pyfunc.PythonModel):
         if self.task == "caption":
             config = GenerationConfig("beam", num_beams=3, max_length=20, min_length=5)
             return pd.DataFrame({"caption": decode(self.model.generate(images, config))})
-        texts = rows["text" if self.task == "retrieval" else "question"].astype(str).tolist()
+        texts = rows["question" if self.task == "vqa" else "text"].astype(str).tolist()
         tokens = self.tokenizer(texts, padding="longest", truncation=True, max_length=35, return_tensors="pt")
         if self.task == "retrieval":
             probability, similarity = self.model.score_pairs(images, tokens.input_ids, tokens.attention_mask)
             return pd.DataFrame({"itm_probability": probability.tolist(), "itc_similarity": similarity.tolist()})
+        if self.task == "nlvr":
+            logits = self.model.logits(images, self._images(rows["image2"]), tokens.input_ids, tokens.attention_mask)
+            probability = logits.softmax(-1)[:, 1]  # class 1: the statement is true
+            return pd.DataFrame({"probability_true": probability.tolist(), "label": (probability > 0.5).tolist()})
         return pd.DataFrame({"answer": decode(self.model.generate(images, tokens.input_ids, tokens.attention_mask))})
 
 
@@ -100,7 +107,7 @@ def log_pyfunc(task: str, weights: Path, name: str = "model") -> mlflow.models.m
     artifacts = {"weights": str(weights)}
     if Path(stored[1]).is_file():  # a fitted vocabulary (the tiny default) rather than a hub tokenizer name
         artifacts["vocab"] = stored[1]
-    example = pd.DataFrame({column: ["<base64 image>" if column == "image" else "a red circle"]
+    example = pd.DataFrame({column: ["<base64 image>" if column.startswith("image") else "a red circle"]
                             for column in INPUTS[task]})  # fmt: skip
     # Declared, not inferred: inference loads the model in a subprocess (about 10 s per version).
     requirements = [f"{name}=={version(name)}" for name in RUNTIME]

@@ -127,7 +127,7 @@ class RegisteredModel(Section):
     """One registered model: its task (the pyfunc's behaviour), the stage outputs that may become its versions
     (stems: models/<stem>.safetensors with metrics/<stem>.json) and the metric that decides the champion."""
 
-    task: Literal["caption", "retrieval", "vqa"]
+    task: Literal["caption", "retrieval", "vqa", "nlvr"]
     candidates: list[str] = Field(min_length=1)
     metric: str
     higher_is_better: bool = True
@@ -142,4 +142,5 @@ class PromotionConfig(Section):
         "blip-retrieval": RegisteredModel(task="retrieval", candidates=["retrieval", "retrieval_capfilt"],
                                           metric="r_mean"),
         "blip-vqa": RegisteredModel(task="vqa", candidates=["vqa", "vqa_capfilt"], metric="rank_accuracy"),
+        "blip-nlvr": RegisteredModel(task="nlvr", candidates=["nlvr", "nlvr_capfilt"], metric="accuracy"),
     })  # fmt: skip

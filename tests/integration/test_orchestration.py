@@ -33,7 +33,7 @@ STAGES = ("ingest", "vocab", "pretrain", "capfilt", "repretrain",
           *(f"{task}@{model}" for task in TASKS for model in ("pretrain", "capfilt")))  # fmt: skip
 TASK_METRICS = tuple(f"{name}{suffix}" for name in ("retrieval_zeroshot", "retrieval", "caption", "vqa", "nlvr")
                      for suffix in ("", "_capfilt"))  # fmt: skip
-REGISTERED = ("blip-captioner", "blip-retrieval", "blip-vqa")
+REGISTERED = ("blip-captioner", "blip-retrieval", "blip-vqa", "blip-nlvr")
 
 
 def api(env: dict[str, str], path: str, body: dict) -> list[dict]:

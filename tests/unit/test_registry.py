@@ -17,8 +17,9 @@ from PIL import Image
 
 from blip.config import ConfigError, load_params
 from blip.data.tokenizer import load_tokenizer
+from blip.data.transforms import eval_transform
 from blip.models.checkpoint import save_weights
-from blip.models.factory import build_model
+from blip.models.factory import build_model, load_trained
 from blip.registry import REPORT, main, promote
 from tests.conftest import REPO, TINY_BERT
 
@@ -30,7 +31,8 @@ def write_candidate(stem: str, seed: int, cider: float, task: str = "caption") -
     model = build_model(task, TINY_BERT, load_tokenizer(TOKENIZER))
     save_weights(model, Path(f"models/{stem}.safetensors"), TOKENIZER)
     Path("metrics").mkdir(exist_ok=True)
-    Path(f"metrics/{stem}.json").write_text(json.dumps({"CIDEr": cider, "r_mean": cider, "images": 10}))
+    metrics = {"CIDEr": cider, "r_mean": cider, "accuracy": cider, "images": 10}
+    Path(f"metrics/{stem}.json").write_text(json.dumps(metrics))
 
 
 def image_b64(colour: tuple[int, int, int]) -> str:
@@ -108,3 +110,25 @@ def test_registered_filter_scores_pairs(workdir: Path) -> None:
     assert list(out.columns) == ["itm_probability", "itc_similarity"]
     assert ((out["itm_probability"] > 0) & (out["itm_probability"] < 1)).all()
     assert (out["itc_similarity"].abs() <= 1 + 1e-5).all()
+
+
+def test_registered_nlvr_model_judges_a_statement_about_two_images(workdir: Path) -> None:
+    write_candidate("nlvr", seed=0, cider=60.0, task="nlvr")
+    promote(load_params(REPO / "params.yaml"))
+    model = mlflow.pyfunc.load_model("models:/blip-nlvr@champion")
+    red, blue = image_b64((200, 30, 30)), image_b64((30, 30, 200))
+    rows = pd.DataFrame({"image": [red, blue], "image2": [blue, red], "text": ["a red circle", "two squares"]})
+    out = model.predict(rows)
+    assert list(out.columns) == ["probability_true", "label"] and len(out) == 2
+    assert (out["label"] == (out["probability_true"] > 0.5)).all()
+    # The same weights run directly: the pyfunc feeds `image` as the left image and `image2` as the right one.
+    nlvr, tokenizer = load_trained("nlvr", Path("models/nlvr.safetensors"), None, None)
+    transform = eval_transform(nlvr.model_config.image_size)
+    tokens = tokenizer(rows["text"].tolist(), padding="longest", return_tensors="pt")
+    with torch.no_grad():
+        left, right = (torch.stack([transform(Image.open(io.BytesIO(base64.b64decode(b)))) for b in rows[column]])
+                       for column in ("image", "image2"))  # fmt: skip
+        expected = nlvr.eval().logits(left, right, tokens.input_ids, tokens.attention_mask).softmax(-1)[:, 1]
+    assert out["probability_true"].tolist() == pytest.approx(expected.tolist(), abs=1e-5)
+    with pytest.raises(ValueError, match="row 1: `image2` is not a base64-encoded image"):
+        model.predict(pd.DataFrame({"image": [red, red], "image2": [red, "bm90IGFuIGltYWdl"], "text": ["a", "b"]}))
