@@ -52,9 +52,10 @@ def bench(size: str, device: torch.device, batch: int, steps: int, bf16: bool, c
         build_model("pretrain", cfg, load_tokenizer(TOKENIZER), section.queue_size, section.momentum).to(device).train()
     )
     optimizer = build_optimizer(model, section, device)
-    # A fresh compilation per run: otherwise a second batch size would turn on dynamic shapes (slower kernels).
-    torch._dynamo.reset()
-    forward = torch.compile(model) if compile_ else model
+    forward = model
+    if compile_:
+        torch._dynamo.reset()  # a fresh compilation per run: a second batch size would turn on dynamic shapes
+        forward = torch.compile(model)
     images = torch.randn(batch, 3, cfg.image_size, cfg.image_size, device=device)
     ids = torch.randint(1000, 29000, (batch, TEXT_LEN), device=device)
     ids[:, 0] = 101  # [CLS]
@@ -117,11 +118,11 @@ def main() -> None:
         parser.error(f"--batch needs one value per size ({len(args.sizes)}), got {len(batches)}")
     suffix = f"{device.type}{'_compile' if args.compile else ''}"
     results = {"device": describe(device), "bf16": args.bf16, "compile": args.compile, "runs": []}
+    RESULTS.mkdir(exist_ok=True)
     print(f"{'size':<5} {'batch':>5} {'samples/s':>10} {'peak GiB':>9} {'GFLOP/sample':>13} {'TFLOP/s':>8} {'MFU':>6}")
     for i, (size, batch) in enumerate(zip(args.sizes, batches, strict=True)):
         last = i == len(args.sizes) - 1
         profile_to = RESULTS / f"pretrain_profile_{suffix}.txt" if args.profile and last else None
-        RESULTS.mkdir(exist_ok=True)
         row = {"size": size} | bench(size, device, batch, args.steps, args.bf16, args.compile, profile_to)
         results["runs"].append(row)
         mfu = f"{row['mfu']:.1%}" if "mfu" in row else "-"

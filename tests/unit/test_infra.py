@@ -312,11 +312,11 @@ def test_multinode_job_rendezvous_is_consistent() -> None:
     assert volume["emptyDir"]["medium"] == "Memory"
 
 
-def test_prefect_yaml_deployments_match_the_pools_and_the_flows() -> None:
+def test_prefect_yaml_deployments_match_the_pools_and_the_flows(template: dict[str, Any]) -> None:
     """The nightly and fine-tune deployments target the Kubernetes GPU pool with variables its template declares;
     the CPU ones the process pool; every entrypoint exists (the e2e test deploys and runs `pipeline-cpu`)."""
     project = yaml.load((REPO / "prefect.yaml").read_text(), Loader=Loader)
-    declared = set(json.loads(JOB_TEMPLATE.read_text())["variables"]["properties"])
+    declared = set(template["variables"]["properties"])
     deployments = {d["name"]: d for d in project["deployments"]}
     assert set(deployments) == {"nightly", "pipeline-cpu", "finetune", "evaluate"}
     assert [s["cron"] for s in deployments["nightly"]["schedules"]] == ["0 2 * * *"]
