@@ -185,16 +185,18 @@ class TokenizerConfig(Section):
 class ModelConfig(Section):
     """Sizes of the ViT image encoder and the MED text transformer (presets: tiny, base, large)."""
 
-    preset: Literal["tiny", "base", "large"] = "tiny"
+    preset: Literal["tiny", "base", "large", "custom"] = Field("tiny", description="a label; custom: imported sizes")
     image_size: int = Field(64, ge=16)
     patch_size: int = Field(16, ge=1)
     vision_width: int = Field(96, ge=8)
     vision_depth: int = Field(2, ge=1)
     vision_heads: int = Field(4, ge=1)
+    vision_layer_norm_eps: float = Field(1e-6, gt=0, description="BLIP's ViT: 1e-6 (transformers' default: 1e-5)")
     text_width: int = Field(96, ge=8)
     text_depth: int = Field(2, ge=1)
     text_heads: int = Field(4, ge=1)
     text_intermediate: int | None = Field(None, ge=8, description="FFN width (default 4 x text_width)")
+    text_layer_norm_eps: float = Field(1e-12, gt=0, description="BERT's")
     max_text_positions: int = Field(512, ge=8)
     text_dropout: float = Field(0.1, ge=0, lt=1, description="BERT's hidden and attention dropout")
     vocab_size: int | None = Field(None, ge=8, description="null: the tokenizer's size ([DEC], [ENC] included)")

@@ -32,17 +32,29 @@ HF_CLASSES = {
     "retrieval": (BlipForImageTextRetrieval, ("text_encoder.", "vision_proj.", "text_proj.", "itm_head.")),
     "vqa": (BlipForQuestionAnswering, ("text_encoder.", "text_decoder.")),
 }
-VISION_RENAMES = [
-    (r"^visual_encoder\.cls_token$", "vision_model.embeddings.class_embedding"),
-    (r"^visual_encoder\.pos_embed$", "vision_model.embeddings.position_embedding"),
-    (r"^visual_encoder\.patch_embed\.proj\.", "vision_model.embeddings.patch_embedding."),
-    (r"^visual_encoder\.norm\.", "vision_model.post_layernorm."),
-    (r"^visual_encoder\.blocks\.(\d+)\.norm1\.", r"vision_model.encoder.layers.\1.layer_norm1."),
-    (r"^visual_encoder\.blocks\.(\d+)\.norm2\.", r"vision_model.encoder.layers.\1.layer_norm2."),
-    (r"^visual_encoder\.blocks\.(\d+)\.attn\.qkv\.", r"vision_model.encoder.layers.\1.self_attn.qkv."),
-    (r"^visual_encoder\.blocks\.(\d+)\.attn\.proj\.", r"vision_model.encoder.layers.\1.self_attn.projection."),
-    (r"^visual_encoder\.blocks\.(\d+)\.mlp\.", r"vision_model.encoder.layers.\1.mlp."),
+VISION_NAMES = [  # (ours, transformers'), each a whole key or a key prefix; {n} is a block index
+    ("visual_encoder.cls_token", "vision_model.embeddings.class_embedding"),
+    ("visual_encoder.pos_embed", "vision_model.embeddings.position_embedding"),
+    ("visual_encoder.patch_embed.proj.", "vision_model.embeddings.patch_embedding."),
+    ("visual_encoder.norm.", "vision_model.post_layernorm."),
+    ("visual_encoder.blocks.{n}.norm1.", "vision_model.encoder.layers.{n}.layer_norm1."),
+    ("visual_encoder.blocks.{n}.norm2.", "vision_model.encoder.layers.{n}.layer_norm2."),
+    ("visual_encoder.blocks.{n}.attn.qkv.", "vision_model.encoder.layers.{n}.self_attn.qkv."),
+    ("visual_encoder.blocks.{n}.attn.proj.", "vision_model.encoder.layers.{n}.self_attn.projection."),
+    ("visual_encoder.blocks.{n}.mlp.", "vision_model.encoder.layers.{n}.mlp."),
 ]
+
+
+def rename_vision(key: str, to_hf: bool) -> str | None:
+    """A vision key in the other naming (ours <-> transformers'); None when the table has no entry for it."""
+    for ours, theirs in VISION_NAMES:
+        source, target = (ours, theirs) if to_hf else (theirs, ours)
+        pattern = re.escape(source).replace(r"\{n\}", r"(\d+)")
+        found = re.match(pattern + ("" if source.endswith(".") else "$"), key)
+        if found:
+            index = found.group(1) if found.groups() else ""
+            return target.replace("{n}", index) + key[found.end() :]
+    return None
 
 
 def hf_config(cfg: ModelConfig, tokens: SpecialTokens) -> BlipConfig:
@@ -56,7 +68,7 @@ def hf_config(cfg: ModelConfig, tokens: SpecialTokens) -> BlipConfig:
         "max_position_embeddings": cfg.max_text_positions,
         "hidden_dropout_prob": cfg.text_dropout,
         "attention_probs_dropout_prob": cfg.text_dropout,
-        "layer_norm_eps": 1e-12,
+        "layer_norm_eps": cfg.text_layer_norm_eps,
         "bos_token_id": tokens.bos,
         "sep_token_id": tokens.sep,
         "eos_token_id": tokens.sep,
@@ -69,7 +81,7 @@ def hf_config(cfg: ModelConfig, tokens: SpecialTokens) -> BlipConfig:
         "num_attention_heads": cfg.vision_heads,
         "image_size": cfg.image_size,
         "patch_size": cfg.patch_size,
-        "layer_norm_eps": 1e-6,
+        "layer_norm_eps": cfg.vision_layer_norm_eps,
     }
     return BlipConfig(text_config=text, vision_config=vision, image_text_hidden_size=cfg.embed_dim)
 
@@ -79,13 +91,10 @@ def to_hf_state(state: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Te
     out = {}
     for key, value in state.items():
         if key.startswith("visual_encoder."):
-            for pattern, replacement in VISION_RENAMES:
-                renamed, hits = re.subn(pattern, replacement, key)
-                if hits:
-                    out[renamed] = value
-                    break
-            else:
+            renamed = rename_vision(key, to_hf=True)
+            if renamed is None:
                 raise KeyError(f"no transformers name for {key}")
+            out[renamed] = value
         elif key.startswith(keep):
             out[key] = value
     if "text_decoder.cls.predictions.bias" in out:

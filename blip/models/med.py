@@ -40,7 +40,7 @@ def bert_config(cfg: ModelConfig) -> BertConfig:
         hidden_dropout_prob=cfg.text_dropout,
         attention_probs_dropout_prob=cfg.text_dropout,
         max_position_embeddings=cfg.max_text_positions,
-        layer_norm_eps=1e-12,
+        layer_norm_eps=cfg.text_layer_norm_eps,
         pad_token_id=0,
     )
 

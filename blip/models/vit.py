@@ -7,7 +7,6 @@ Its parameter names are exactly those of BLIP's `visual_encoder` (`cls_token`, `
 from __future__ import annotations
 
 from functools import partial
-from pathlib import Path
 
 import torch
 from timm.layers import resample_abs_pos_embed
@@ -22,7 +21,7 @@ class ViT(VisionTransformer):
     """timm's ViT whose forward returns every token ([CLS] first), with checkpointing of the last N blocks."""
 
     def __init__(self, image_size: int, patch_size: int, width: int, depth: int, heads: int, drop_path: float,
-                 grad_ckpt_layers: int = 0) -> None:  # fmt: skip
+                 grad_ckpt_layers: int = 0, eps: float = 1e-6) -> None:  # fmt: skip
         super().__init__(
             img_size=image_size,
             patch_size=patch_size,
@@ -31,7 +30,7 @@ class ViT(VisionTransformer):
             num_heads=heads,
             mlp_ratio=4.0,
             qkv_bias=True,
-            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            norm_layer=partial(nn.LayerNorm, eps=eps),
             drop_path_rate=drop_path,
             num_classes=0,
         )
@@ -55,6 +54,7 @@ def create_vit(cfg: ModelConfig) -> ViT:
         cfg.vision_heads,
         cfg.drop_path,
         cfg.grad_ckpt_layers,
+        cfg.vision_layer_norm_eps,
     )
 
 
@@ -71,27 +71,25 @@ def resize_pos_embed(pos_embed: torch.Tensor, num_patches: int) -> torch.Tensor:
     )
 
 
-def load_vit_weights(vit: ViT, source: str) -> None:
-    """Initialise from a weights file (.safetensors / .pth / .bin) or a timm model name in the local cache."""
-    path = Path(source)
-    if path.is_file():
-        from blip.models.checkpoint import read_state_dict
+def timm_state(name: str) -> dict[str, torch.Tensor]:
+    """Pretrained weights of a timm model in the local cache (offline, hub downloads fail)."""
+    import timm
 
-        state = read_state_dict(path)
-    else:
-        import timm
+    try:
+        return timm.create_model(name, pretrained=True, num_classes=0).state_dict()
+    except Exception as exc:  # timm raises many kinds (hub, HTTP, RuntimeError) when weights are unavailable
+        raise RuntimeError(
+            f"model.vit_init={name!r}: could not load timm weights ({type(exc).__name__}: {exc}). Offline, "
+            "download the weights elsewhere and set model.vit_init to the file (.safetensors or .pth)."
+        ) from exc
 
-        try:
-            state = timm.create_model(source, pretrained=True, num_classes=0).state_dict()
-        except Exception as exc:  # timm raises many kinds (hub, HTTP, RuntimeError) when weights are unavailable
-            raise RuntimeError(
-                f"model.vit_init={source!r}: could not load timm weights ({type(exc).__name__}: {exc}). Offline, "
-                "download the weights elsewhere and set model.vit_init to the file (.safetensors or .pth)."
-            ) from exc
+
+def load_vit_state(vit: ViT, state: dict[str, torch.Tensor], source: str) -> None:
+    """Initialise from a ViT's weights, bare (timm) or under `visual_encoder.` (BLIP); other keys are ignored."""
     state = {k.removeprefix("visual_encoder."): v for k, v in state.items()}
     if "pos_embed" in state:
         state["pos_embed"] = resize_pos_embed(state["pos_embed"], vit.patch_embed.num_patches)
-    # strict=False: classifier heads and the like in the file are not part of the image encoder.
+    # strict=False: classifier heads, text towers and the like in the file are not part of the image encoder.
     missing, _ = vit.load_state_dict(state, strict=False)
     if missing:
         raise ValueError(f"model.vit_init={source!r}: weights lack {len(missing)} ViT keys, e.g. {missing[:3]}")

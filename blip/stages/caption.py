@@ -23,7 +23,7 @@ from blip.models.caption import PROMPT
 from blip.models.checkpoint import save_weights
 from blip.models.generation import GenerationConfig
 from blip.stages.common import parse_stage_args, stage_parser, write_metrics
-from blip.stages.training import finetune_setup, fit_and_finish, save_curves
+from blip.stages.training import finetune_setup, fit_and_finish, save_curves, with_init_model
 from blip.tracking.runs import StageRun
 from blip.training.distributed import setup, teardown
 from blip.training.loop import Trainer
@@ -31,6 +31,7 @@ from blip.training.loop import Trainer
 
 def main(argv: Sequence[str] | None = None) -> int:
     _, params = parse_stage_args(stage_parser("caption-finetune", __doc__ or ""), argv)
+    params = with_init_model(params, params.caption.init)
     cfg = params.caption
     ctx = setup()
     try:

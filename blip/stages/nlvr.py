@@ -22,7 +22,7 @@ from blip.data.transforms import eval_transform
 from blip.models.checkpoint import save_weights
 from blip.models.nlvr import BlipNLVR
 from blip.stages.common import parse_stage_args, stage_parser, write_metrics
-from blip.stages.training import finetune_setup, fit_and_finish, save_curves
+from blip.stages.training import finetune_setup, fit_and_finish, save_curves, with_init_model
 from blip.tracking.runs import StageRun
 from blip.training.distributed import setup, teardown
 from blip.training.loop import Trainer
@@ -64,6 +64,7 @@ def predict(model: BlipNLVR, params: Params, tokenizer: PreTrainedTokenizer, dev
 
 def main(argv: Sequence[str] | None = None) -> int:
     _, params = parse_stage_args(stage_parser("nlvr-finetune", __doc__ or ""), argv)
+    params = with_init_model(params, params.nlvr.init)
     cfg = params.nlvr
     ctx = setup()
     try:

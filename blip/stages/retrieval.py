@@ -24,7 +24,7 @@ from blip.models.contrastive import DualEncoder, ramped_alpha
 from blip.models.factory import load_trained
 from blip.stages.common import parse_stage_args, stage_parser, write_metrics
 from blip.stages.pretrain import image_ids
-from blip.stages.training import finetune_setup, fit_and_finish, save_curves
+from blip.stages.training import finetune_setup, fit_and_finish, save_curves, with_init_model
 from blip.tracking import stage_run
 from blip.tracking.plots import plot_recall
 from blip.tracking.runs import StageRun
@@ -59,6 +59,7 @@ def report(name: str, results: dict[str, dict[str, float]], run: StageRun, step:
 
 def main(argv: Sequence[str] | None = None) -> int:
     _, params = parse_stage_args(stage_parser("retrieval-finetune", __doc__ or ""), argv)
+    params = with_init_model(params, params.retrieval.init)
     cfg = params.retrieval
     ctx = setup()
     try:

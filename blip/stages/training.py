@@ -22,8 +22,9 @@ from blip.data.loader import make_loader, train_pipeline
 from blip.data.shards import shard_urls
 from blip.data.tokenizer import load_tokenizer
 from blip.data.transforms import train_transform
-from blip.models.checkpoint import load_official, read_state_dict
-from blip.models.factory import build_model
+from blip.models.checkpoint import load_official
+from blip.models.factory import build_model, describe, read_weights
+from blip.models.import_hf import is_transformers_folder, read_folder
 from blip.tracking import stage_run
 from blip.tracking.plots import plot_history, write_history_csv
 from blip.tracking.runs import StageRun
@@ -43,6 +44,8 @@ def per_rank_batch(stage: str, cfg: TrainConfig, ctx: DistContext) -> int:
 
 
 def _head_digest(path: Path) -> bytes:
+    if path.is_dir():  # a transformers folder: each of its files
+        return b"".join(_head_digest(p) for p in sorted(path.rglob("*")) if p.is_file())
     with path.open("rb") as f:  # name, size and the first MiB: cheap even for a web-scale shard list
         return hashlib.sha256(f"{path.name}:{path.stat().st_size}".encode() + f.read(1 << 20)).digest()
 
@@ -59,7 +62,7 @@ def run_fingerprint(params: Params, cfg: TrainConfig) -> str:
     files = [Path(url) for split in cfg.splits for url in shard_urls(root / split)]
     files += [Path(params.tokenizer.name), Path(str(getattr(cfg, "init", "")))]
     for path in files:
-        if path.is_file():
+        if path.exists():
             digest.update(_head_digest(path))
     return digest.hexdigest()
 
@@ -104,6 +107,17 @@ def save_curves(stage: str, trainer: Trainer, run: StageRun, title: str) -> None
         run.log_artifact(artifact)
 
 
+def with_init_model(params: Params, init: Path) -> Params:
+    """A transformers folder as a fine-tune's `init` defines the model (its config.json) and the tokenizer (its
+    own files) for the whole stage: training, evaluation and the weights it saves. Other weights files are
+    described by params.model and params.tokenizer, as before."""
+    if not is_transformers_folder(init):
+        return params
+    folder = read_folder(init, params.model)
+    tokenizer = params.tokenizer.model_copy(update={"name": folder.tokenizer or params.tokenizer.name})
+    return params.model_copy(update={"model": folder.model, "tokenizer": tokenizer})
+
+
 def finetune_model(
     task: str, params: Params, cfg: FinetuneConfig, ctx: DistContext, **build: Any
 ) -> tuple[nn.Module, PreTrainedTokenizer]:
@@ -113,9 +127,10 @@ def finetune_model(
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(params.tokenizer.name)
     model = build_model(task, params.model, tokenizer, **build)
-    report = load_official(model, read_state_dict(cfg.init))
+    weights = read_weights(cfg.init, params.model)
+    report = load_official(model, weights.state)
     if ctx.is_main:
-        print(f"{cfg.name}: initialised from {cfg.init}; fresh: {', '.join(report.initialised) or 'nothing'}")
+        print(f"{cfg.name}: {describe(cfg.init, weights, report)}")
     torch.manual_seed(cfg.seed + 1_000 * ctx.rank)
     return model, tokenizer
 

@@ -25,7 +25,7 @@ from blip.eval.vqa_accuracy import vqa_accuracy
 from blip.models.checkpoint import save_weights
 from blip.models.vqa import ANSWER_GENERATION
 from blip.stages.common import parse_stage_args, stage_parser, write_metrics
-from blip.stages.training import finetune_setup, fit_and_finish, save_curves
+from blip.stages.training import finetune_setup, fit_and_finish, save_curves, with_init_model
 from blip.tracking.runs import StageRun
 from blip.training.distributed import setup, teardown
 from blip.training.loop import Trainer
@@ -44,6 +44,7 @@ def weighted_answers(records: list[dict]) -> tuple[list[str], list[int], list[fl
 
 def main(argv: Sequence[str] | None = None) -> int:
     _, params = parse_stage_args(stage_parser("vqa-finetune", __doc__ or ""), argv)
+    params = with_init_model(params, params.vqa.init)
     cfg = params.vqa
     ctx = setup()
     try:
