@@ -1,5 +1,6 @@
-"""VQA evaluation: answer a split's questions by ranking over an answer list or by generation, score with the
-official VQA accuracy, and the trivial baselines any model must beat (one answer for all, a per-type prior)."""
+"""VQA evaluation: answer a split's questions by ranking over an answer list or by generation, score them (the
+official VQA accuracy, or exact match where a question has fewer than three answers), and the trivial baselines
+any model must beat (one answer for all, a per-type prior), scored the same way."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ from statistics import mean
 import torch
 from transformers import PreTrainedTokenizer
 
+from blip.config import ConfigError
 from blip.data.loader import eval_pipeline, make_loader
 from blip.data.shards import read_records, shard_urls
 from blip.data.transforms import eval_transform
-from blip.eval.vqa_accuracy import normalize_answer, vqa_accuracy
+from blip.eval.vqa_accuracy import normalize_answer, question_score, scoring
 from blip.models.generation import GenerationConfig
 from blip.models.vqa import BlipVQA
 
@@ -41,8 +43,31 @@ def answer_list(train: list[Question]) -> list[str]:
     return [answer for answer, _ in counts.most_common()]
 
 
+def split_scoring(questions: list[Question], split: str) -> dict[str, int]:
+    """Questions per way of scoring them (`vqa_accuracy`, `exact_match`, `unscored`: no answers); a split where
+    none can be scored is an error, never an accuracy of 0."""
+    counts = Counter(scoring(q.answers) or "unscored" for q in questions)
+    if not set(counts) - {"unscored"}:
+        raise ConfigError(f"VQA split {split!r}: none of its {len(questions)} questions has an answer to score "
+                          "against (an unannotated test split?): choose an annotated eval_split")  # fmt: skip
+    return dict(counts)
+
+
+def accuracy(predictions: list[str], questions: list[Question], name: str) -> dict[str, float]:
+    """`name`: the mean score (%) of each question's prediction over the questions that have answers; on a split
+    that mixes ways of scoring, also `<name>_<way>` for each."""
+    scores: dict[str, list[float]] = {}
+    for prediction, q in zip(predictions, questions, strict=True):
+        if kind := scoring(q.answers):
+            scores.setdefault(kind, []).append(question_score(prediction, q.answers))
+    out = {name: 100.0 * mean(s for values in scores.values() for s in values)}
+    if len(scores) > 1:
+        out |= {f"{name}_{kind}": 100.0 * mean(values) for kind, values in sorted(scores.items())}
+    return out
+
+
 def baselines(train: list[Question], test: list[Question]) -> dict[str, float]:
-    """VQA accuracy of the majority training answer, and of the majority answer per question type."""
+    """The accuracy of the majority training answer, and of the majority answer per question type."""
     overall = Counter(normalize_answer(a) for q in train for a in q.answers).most_common(1)[0][0]
     by_type: dict[str, Counter] = {}
     for q in train:
@@ -52,10 +77,8 @@ def baselines(train: list[Question], test: list[Question]) -> dict[str, float]:
         counts = by_type.get(question_type(q.question))
         return counts.most_common(1)[0][0] if counts else overall
 
-    return {
-        "majority_answer_accuracy": 100.0 * mean(vqa_accuracy(overall, q.answers) for q in test),
-        "type_prior_accuracy": 100.0 * mean(vqa_accuracy(prior(q), q.answers) for q in test),
-    }
+    majority = accuracy([overall] * len(test), test, "majority_answer_accuracy")
+    return majority | accuracy([prior(q) for q in test], test, "type_prior_accuracy")
 
 
 @torch.no_grad()

@@ -1,9 +1,12 @@
-"""VQA accuracy exactly as the official evaluation computes it (the VQA v2 / LAVIS `vqaEval` semantics).
+"""VQA accuracy exactly as the official evaluation computes it (the VQA v2 / LAVIS `vqaEval` semantics), and
+exact match for questions with too few annotator answers for it.
 
 A predicted answer is normalised (punctuation, number words to digits, articles dropped, contractions
 restored); each of the ten leave-one-out subsets of annotator answers scores min(#matches / 3, 1); the
 question's accuracy is their mean. Annotator answers are normalised for punctuation only, and only when they
-disagree, as the official code does.
+disagree, as the official code does. With one or two answers (GQA-style and most in-house sets) that formula
+scores every prediction 0, since no other annotator is left to agree: such a question scores 1 when the
+normalised prediction equals any normalised answer.
 """
 
 from __future__ import annotations
@@ -62,6 +65,29 @@ def process_digit_article(text: str) -> str:
 
 def normalize_answer(answer: str) -> str:
     return process_digit_article(process_punctuation(answer.replace("\n", " ").replace("\t", " ").strip()))
+
+
+MIN_ANNOTATORS = 3  # fewer answers than this: exact match
+VQA_ACCURACY, EXACT_MATCH = "vqa_accuracy", "exact_match"
+
+
+def scoring(annotator_answers: list[str]) -> str | None:
+    """How a question is scored: the official formula, exact match, or None (no answers: it cannot be)."""
+    if not annotator_answers:
+        return None
+    return VQA_ACCURACY if len(annotator_answers) >= MIN_ANNOTATORS else EXACT_MATCH
+
+
+def exact_match(prediction: str, annotator_answers: list[str]) -> float:
+    predicted = normalize_answer(prediction)
+    return float(any(normalize_answer(answer) == predicted for answer in annotator_answers))
+
+
+def question_score(prediction: str, annotator_answers: list[str]) -> float:
+    """One question's score in [0, 1] by its `scoring`."""
+    if scoring(annotator_answers) == VQA_ACCURACY:
+        return vqa_accuracy(prediction, annotator_answers)
+    return exact_match(prediction, annotator_answers)
 
 
 def vqa_accuracy(prediction: str, annotator_answers: list[str]) -> float:

@@ -42,8 +42,10 @@ from blip.data.shards import shard_urls
 from blip.data.transforms import eval_transform
 from blip.eval.capfilt_report import capfilt_gallery, capfilt_metrics, score_histogram
 from blip.eval.retrieval import load_pair_split
+from blip.models.caption import BlipCaptioner
 from blip.models.factory import load_trained
 from blip.models.generation import GenerationConfig
+from blip.models.retrieval import BlipRetrieval
 from blip.stages.common import parse_stage_args, stage_parser, write_metrics
 from blip.tracking import stage_run
 from blip.training.distributed import DistContext, setup, teardown
@@ -78,22 +80,37 @@ def score(filter_model: torch.nn.Module, cfg: CapfiltConfig, images: torch.Tenso
     return {"itm": itm.float().cpu(), "itc": itc.float().cpu()}
 
 
-def _decoded(src: Iterator[dict], image_size: int) -> Iterator[dict]:
-    transform = eval_transform(image_size)
+@dataclass
+class Models:
+    """The captioner and the filter, each with its own tokenizer and image size (imported folders may differ)."""
+
+    captioner: BlipCaptioner
+    captioner_tokenizer: PreTrainedTokenizer
+    filter: BlipRetrieval
+    filter_tokenizer: PreTrainedTokenizer
+
+    @property
+    def image_sizes(self) -> tuple[int, int]:
+        return self.captioner.model_config.image_size, self.filter.model_config.image_size
+
+
+def _decoded(src: Iterator[dict], image_sizes: tuple[int, ...]) -> Iterator[dict]:
+    transforms = {size: eval_transform(size) for size in image_sizes}
     for sample in src:
         try:
             image = Image.open(io.BytesIO(sample["jpg"]))
             image.load()
+            image = image.convert("RGB")
             yield {"key": sample["__key__"], "jpg": sample["jpg"], "record": json.loads(sample["json"]),
-                   "image": transform(image.convert("RGB"))}  # fmt: skip
+                   "images": {size: transform(image) for size, transform in transforms.items()}}  # fmt: skip
         except (OSError, ValueError, KeyError, json.JSONDecodeError):
             yield {"key": sample.get("__key__"), "corrupt": True}
 
 
-def unit_samples(url: str, image_size: int, workers: int) -> Iterator[dict]:
+def unit_samples(url: str, image_sizes: tuple[int, ...], workers: int) -> Iterator[dict]:
     """One unit's samples, decoded by `workers` data-loader workers (each takes every workers-th sample)."""
     pipeline = wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(), split_by_worker,
-                                lambda src: _decoded(src, image_size))  # fmt: skip
+                                lambda src: _decoded(src, image_sizes))  # fmt: skip
     return iter(wds.WebLoader(pipeline, batch_size=None, num_workers=workers))
 
 
@@ -108,7 +125,7 @@ def _batches(samples: Iterator[dict], size: int) -> Iterator[list[dict]]:
         yield batch
 
 
-def bootstrap_unit(unit: Unit, models: dict, params: Params, threshold: float, device: torch.device) -> dict:
+def bootstrap_unit(unit: Unit, models: Models, params: Params, threshold: float, device: torch.device) -> dict:
     """Write the unit's output shard to the work dir, return its stats (the caller commits them)."""
     cfg = params.capfilt
     generation = GenerationConfig("nucleus", 1, cfg.max_length, cfg.min_length, cfg.top_p, cfg.repetition_penalty)
@@ -119,7 +136,7 @@ def bootstrap_unit(unit: Unit, models: dict, params: Params, threshold: float, d
     shard = unit_shard(cfg, unit)
     partial = shard.with_name(shard.name + ".partial")
     with open(partial, "wb") as handle, wds.TarWriter(handle, encoder=False, mtime=0.0) as tar:
-        samples = unit_samples(unit.url, params.model.image_size, cfg.num_workers)
+        samples = unit_samples(unit.url, models.image_sizes, cfg.num_workers)
         for batch in _batches(samples, cfg.batch_size):
             stats["skipped"] += sum("corrupt" in s for s in batch)
             batch = [s for s in batch if "corrupt" not in s]
@@ -134,20 +151,22 @@ def bootstrap_unit(unit: Unit, models: dict, params: Params, threshold: float, d
     return stats
 
 
-def _bootstrap_batch(batch: list[dict], models: dict, cfg: CapfiltConfig, generation: GenerationConfig,
+def _bootstrap_batch(batch: list[dict], models: Models, cfg: CapfiltConfig, generation: GenerationConfig,
                      generator: torch.Generator, threshold: float, tar: wds.TarWriter, stats: dict, params: Params,
                      device: torch.device) -> None:  # fmt: skip
-    tokenizer, max_length = models["tokenizer"], params.tokenizer.max_length
-    images = torch.stack([s["image"] for s in batch]).to(device)
+    captioner_size, filter_size = models.image_sizes
+    images = torch.stack([s["images"][captioner_size] for s in batch]).to(device)
     candidates = [[("web", c) for c in s["record"]["captions"]] for s in batch]
     if cfg.use_captioner:
         for _ in range(cfg.synthetic_per_image):
-            ids = models["captioner"].generate(images, generation, generator)
-            for row, text in zip(candidates, tokenizer.batch_decode(ids, skip_special_tokens=True), strict=True):
+            ids = models.captioner.generate(images, generation, generator)
+            texts = models.captioner_tokenizer.batch_decode(ids, skip_special_tokens=True)
+            for row, text in zip(candidates, texts, strict=True):
                 row.append(("synthetic", text))
     rows = [i for i, row in enumerate(candidates) for _ in row]
     texts = [text for row in candidates for _, text in row]
-    scores = score(models["filter"], cfg, images[rows], texts, tokenizer, max_length)
+    images = torch.stack([s["images"][filter_size] for s in batch]).to(device)
+    scores = score(models.filter, cfg, images[rows], texts, models.filter_tokenizer, params.tokenizer.max_length)
     kept = keep(scores[cfg.score], threshold, cfg.use_filter)
     flat = 0
     for s, row in zip(batch, candidates, strict=True):
@@ -188,9 +207,11 @@ def unit_stats(cfg: CapfiltConfig, unit: Unit) -> Path:
 def fingerprint(params: Params, threshold: float) -> str:
     """Everything a unit's output depends on: a changed one invalidates the finished units."""
     digest = hashlib.sha256(params.capfilt.model_dump_json().encode())
-    digest.update(f"{threshold!r}{params.model.image_size}{params.tokenizer.max_length}".encode())
+    digest.update(f"{threshold!r}{params.tokenizer.max_length}".encode())
     for path in (params.capfilt.captioner, params.capfilt.filter, *map(Path, _all_sources(params))):
-        digest.update(path.name.encode() + hashlib.sha256(path.read_bytes()).digest())
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]  # a transformers folder
+        for file in files:
+            digest.update(file.name.encode() + hashlib.sha256(file.read_bytes()).digest())
     return digest.hexdigest()
 
 
@@ -198,25 +219,25 @@ def _all_sources(params: Params) -> list[str]:
     return [unit.url for unit in plan_units(params)]
 
 
-def load_models(params: Params, device: torch.device) -> dict:
+def load_models(params: Params, device: torch.device) -> Models:
     cfg = params.capfilt
-    captioner, tokenizer = load_trained("caption", cfg.captioner, params.model, params.tokenizer.name)
-    filter_model, _ = load_trained("retrieval", cfg.filter, params.model, params.tokenizer.name)
-    return {"captioner": captioner.to(device).eval(), "filter": filter_model.to(device).eval(), "tokenizer": tokenizer}
+    captioner, captioner_tokenizer = load_trained("caption", cfg.captioner, params.model, params.tokenizer.name)
+    filter_model, filter_tokenizer = load_trained("retrieval", cfg.filter, params.model, params.tokenizer.name)
+    return Models(captioner.to(device).eval(), captioner_tokenizer, filter_model.to(device).eval(), filter_tokenizer)
 
 
 @torch.no_grad()
-def decide_threshold(params: Params, models: dict, device: torch.device) -> float:
+def decide_threshold(params: Params, models: Models, device: torch.device) -> float:
     """The fixed threshold, or the score that keeps `calibration_keep` of the held-out human pairs."""
     cfg = params.capfilt
     if cfg.threshold_rule == "fixed":
         return cfg.threshold
-    split = load_pair_split(params.data.shard_root / cfg.calibration_split, params.model.image_size, 10**9)
+    split = load_pair_split(params.data.shard_root / cfg.calibration_split, models.image_sizes[1], 10**9)
     values = []
     for start in range(0, len(split.texts), cfg.batch_size):
         rows = split.text_image[start : start + cfg.batch_size]
-        values.append(score(models["filter"], cfg, split.images[rows].to(device),
-                            split.texts[start : start + cfg.batch_size], models["tokenizer"],
+        values.append(score(models.filter, cfg, split.images[rows].to(device),
+                            split.texts[start : start + cfg.batch_size], models.filter_tokenizer,
                             params.tokenizer.max_length)[cfg.score])  # fmt: skip
     return torch.quantile(torch.cat(values).double(), 1 - cfg.calibration_keep).item()
 

@@ -5,6 +5,8 @@ share of annotators who gave it, summed per question, averaged over the batch; c
 `vqa.eval_split`: ranking over the answer list (top k by first-token probability, re-scored by the
 decoder's loss) and beam-search generation; the official VQA accuracy of each, against the majority-answer and
 per-question-type baselines; results JSON in the official submission format (`[{"question_id", "answer"}]`).
+Questions with fewer than three annotator answers are scored by exact match; metrics/<name>.json says which
+(`metric`: vqa_accuracy, exact_match or mixed, then with figures per way of scoring).
 """
 
 from __future__ import annotations
@@ -14,14 +16,12 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from statistics import mean
 
 import torch
 from transformers import PreTrainedTokenizer
 
 from blip.config import Params
-from blip.eval.answering import answer_list, answer_split, baselines, read_questions
-from blip.eval.vqa_accuracy import vqa_accuracy
+from blip.eval.answering import accuracy, answer_list, answer_split, baselines, read_questions, split_scoring
 from blip.models.checkpoint import save_weights
 from blip.models.vqa import ANSWER_GENERATION
 from blip.stages.common import parse_stage_args, stage_parser, write_metrics
@@ -46,6 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _, params = parse_stage_args(stage_parser("vqa-finetune", __doc__ or ""), argv)
     params = with_init_model(params, params.vqa.init)
     cfg = params.vqa
+    split_scoring(read_questions(params.data.shard_root / cfg.eval_split), cfg.eval_split)  # before training
     ctx = setup()
     try:
         trainer, tokenizer, batches = finetune_setup(
@@ -79,18 +80,23 @@ def finish(params: Params, trainer: Trainer, tokenizer: PreTrainedTokenizer, run
     generation = replace(ANSWER_GENERATION, max_length=cfg.answer_max_length)
     reports = Path("reports") / cfg.name
     reports.mkdir(parents=True, exist_ok=True)
+    counts = split_scoring(test, cfg.eval_split)
     metrics: dict[str, float] = {"questions": float(len(test)), "answer_list": float(len(answers))}
+    metrics |= {f"questions_{kind}": float(n) for kind, n in counts.items() if len(counts) > 1}
     for mode in cfg.inference:
         predictions = answer_split(trainer.model, params.data.shard_root / cfg.eval_split, tokenizer,
                                    params.model.image_size, params.tokenizer.max_length, answers, mode, cfg.k_test,
                                    generation, len(test), trainer.ctx.device)  # fmt: skip
-        metrics[f"{mode}_accuracy"] = 100.0 * mean(vqa_accuracy(predictions[q.question_id], q.answers) for q in test)
+        metrics |= accuracy([predictions[q.question_id] for q in test], test, f"{mode}_accuracy")
         results = reports / f"results_{mode}.json"
         results.write_text(json.dumps([{"question_id": q, "answer": a} for q, a in predictions.items()], indent=1))
         run.log_artifact(results)
     metrics |= baselines(train, test)
     run.log_metrics(metrics, step=trainer.step)
+    scored = [kind for kind in counts if kind != "unscored"]
+    kind = scored[0] if len(scored) == 1 else "mixed"
     save_curves(cfg.name, trainer, run, "VQA fine-tune (weighted answer LM)")
-    for artifact in (write_metrics(cfg.name, metrics), save_weights(trainer.model, cfg.output, params.tokenizer.name)):
+    weights = save_weights(trainer.model, cfg.output, params.tokenizer.name)
+    for artifact in (write_metrics(cfg.name, {**metrics, "metric": kind}), weights):
         run.log_artifact(artifact)
-    print(f"{cfg.name}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    print(f"{cfg.name} ({kind}): " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))

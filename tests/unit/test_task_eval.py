@@ -175,3 +175,23 @@ def test_ablation_folder_holds_one_configuration_only(tmp_path: Path) -> None:
     check_settings(tmp_path, params, ["pretrain.epochs=2"])  # the same again: its finished arms are reusable
     with pytest.raises(ConfigError, match="holds ablation runs made with other params or overrides"):
         check_settings(tmp_path, params, ["pretrain.epochs=4"])
+
+
+def test_vqa_accuracy_of_a_split_scores_each_question_its_own_way() -> None:
+    from blip.config import ConfigError
+    from blip.eval.answering import accuracy, split_scoring
+
+    single = [Question(1, "what is it?", ["dog"]), Question(2, "what colour?", ["red"]),
+              Question(3, "where?", ["left", "on the left"]), Question(4, "how many?", ["two"])]  # fmt: skip
+    predictions = ["a dog", "blue", "on the left", "2"]  # right, wrong, right (second answer), right
+    assert split_scoring(single, "own") == {"exact_match": 4}
+    assert accuracy(predictions, single, "rank_accuracy") == {"rank_accuracy": 75.0}
+    # A mix: the overall mean and one figure per way of scoring; a question without answers is not scored.
+    mixed = [*single, Question(5, "is it?", ["yes"] * 10), Question(6, "what?", [])]
+    assert split_scoring(mixed, "own") == {"exact_match": 4, "vqa_accuracy": 1, "unscored": 1}
+    assert accuracy([*predictions, "yes", "x"], mixed, "rank_accuracy") == {
+        "rank_accuracy": 80.0, "rank_accuracy_exact_match": 75.0, "rank_accuracy_vqa_accuracy": 100.0}  # fmt: skip
+    # Baselines are scored the same way: "dog" (first of equally frequent answers) is right for one question of 4.
+    assert baselines(single, single)["majority_answer_accuracy"] == 25.0
+    with pytest.raises(ConfigError, match="'vqa_test': none of its 2 questions"):
+        split_scoring([Question(7, "what?", []), Question(8, "why?", [])], "vqa_test")

@@ -54,3 +54,16 @@ def test_annotators_normalised_for_punctuation_only_when_they_disagree() -> None
     assert vqa_accuracy("t-shirt", ["t-shirt"] * 3 + ["shirt"] * 7) == pytest.approx(0.9)
     # Unanimous annotators are compared as written: the prediction "t shirt" does not match "t-shirt".
     assert vqa_accuracy("t-shirt", ["t-shirt"] * 10) == 0.0
+
+
+def test_single_answer_questions_score_exact_match_of_normalised_answers() -> None:
+    from blip.eval.vqa_accuracy import EXACT_MATCH, VQA_ACCURACY, question_score, scoring
+
+    assert scoring(["2"]) == scoring(["2", "two"]) == EXACT_MATCH
+    assert scoring(["2"] * 3) == VQA_ACCURACY and scoring([]) is None
+    # Hand-made predictions against one or two answers: normalised on both sides, any answer may match.
+    assert question_score("Two", ["2"]) == 1.0
+    assert question_score("the dog", ["Dog."]) == 1.0
+    assert question_score("cat", ["dog", "cat"]) == 1.0
+    assert question_score("cats", ["cat"]) == 0.0
+    assert vqa_accuracy("dog", ["dog"]) == 0.0  # the official formula on one answer: why exact match is needed
