@@ -3,7 +3,8 @@
 The whole output is built in a staging folder beside `out_dir` and swapped in at the end, so a killed or
 failed ingest leaves the previous output untouched; inside, each shard appears only when complete.
 Bad entries (unreadable, truncated or empty images, empty captions, missing files) are skipped and counted
-with their reason in the manifest.
+with their reason in the manifest; a source shard cut short is listed there too (`skipped.shards`: shard, samples
+read before the cut, reason), its earlier samples kept.
 """
 
 from __future__ import annotations
@@ -132,6 +133,7 @@ def _write_all(params: Params, staging: Path, show_progress: bool) -> dict:
     kinds: dict[str, str] = {}
     skipped: Counter[str] = Counter()
     examples: list[dict] = []
+    truncated: list[dict] = []
     bar = tqdm(total=_total(params), desc="ingest", unit="item", disable=not show_progress, mininterval=1.0)
     for source in cfg.sources:
         for entry in iter_source(source, params.world):
@@ -144,6 +146,9 @@ def _write_all(params: Params, staging: Path, show_progress: bool) -> dict:
             except SkipItem as exc:
                 reason = str(exc)
                 skipped[reason] += 1
+                if isinstance(entry, Skip) and entry.samples is not None:
+                    truncated.append({"split": entry.split, "shard": entry.ref, "samples": entry.samples,
+                                      "reason": reason})  # fmt: skip
                 if len(examples) < SKIP_EXAMPLES:
                     examples.append({"split": entry.split, "ref": entry.ref, "reason": reason})
                 continue
@@ -176,7 +181,12 @@ def _write_all(params: Params, staging: Path, show_progress: bool) -> dict:
             digest.update(f"{split}/answer_list.json:{hashlib.sha256(text.encode()).hexdigest()}\n".encode())
     manifest = {
         "splits": splits,
-        "skipped": {"total": sum(skipped.values()), "by_reason": dict(sorted(skipped.items())), "examples": examples},
+        "skipped": {
+            "total": sum(skipped.values()),
+            "by_reason": dict(sorted(skipped.items())),
+            "examples": examples,
+            "shards": truncated,
+        },
         "content_hash": f"sha256:{digest.hexdigest()}",
     }
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))

@@ -3,7 +3,9 @@
 Training streams resample shards forever (each rank and worker with its own deterministic seed); evaluation
 streams read every sample exactly once, shards split by rank, then by data-loader worker. A corrupt sample
 (bad image bytes, bad json) is skipped and counted: each batch carries `skipped`, the number of samples
-dropped since the previous batch, so the count survives worker processes.
+dropped since the previous batch, so the count survives worker processes. A training shard cut short (an
+interrupted copy) is logged and travels the same way (`truncated`: shard, samples read, reason); in an evaluation
+stream it is an error, since scores on part of a split would pass for scores on all of it.
 
 Training streams are exactly resumable. Each worker's stream is a deterministic function of (seed, rank, worker);
 every sample gets its own random state (caption choice, augmentation) from its index in that stream; each batch
@@ -30,9 +32,12 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import get_worker_info
 
+from blip.data.shards import TruncatedShardError, read_shards
+
 log = logging.getLogger(__name__)
 Transform = Callable[[Image.Image], torch.Tensor]
 MAX_SKIPS_IN_A_ROW = 1000
+TRUNCATED = "__truncated__"  # a marker in the sample stream: (shard, samples read, reason)
 
 
 def _image(data: bytes, transform: Transform) -> torch.Tensor:
@@ -57,9 +62,17 @@ def _decode_one(sample: dict, kind: str, transform: Transform, train: bool, rng:
     return out
 
 
+def note_truncated(exc: TruncatedShardError) -> Iterator[dict]:
+    log.warning("%s", exc)
+    yield {TRUNCATED: (exc.shard, exc.samples, exc.reason)}
+
+
 def decode_samples(src: Iterable[dict], kind: str, transform: Transform, train: bool) -> Iterator[dict]:
-    skipped = 0
+    skipped, truncated = 0, []
     for sample in src:
+        if TRUNCATED in sample:
+            truncated.append(sample[TRUNCATED])
+            continue
         seed = sample.get("__seed__", 0)
         try:
             # Each training sample draws its caption and augmentation from its own seed, so a resumed stream
@@ -75,17 +88,18 @@ def decode_samples(src: Iterable[dict], kind: str, transform: Transform, train: 
                                    f"{sample.get('__key__')}: {exc!r}): wrong shards for this stage, or corrupt data"
                                    ) from exc  # fmt: skip
             continue
-        out["skipped"], skipped = skipped, 0
+        (out["skipped"], skipped), (out["truncated"], truncated) = (skipped, 0), (truncated, [])
         out["stream"] = sample.get("__stream__")
         yield out
-    if skipped:  # corrupt samples at the very end of the stream are still counted
-        yield {"skipped": skipped}
+    if skipped or truncated:  # corrupt samples at the very end of the stream are still counted
+        yield {"skipped": skipped, "truncated": truncated}
 
 
 def collate(samples: list[dict]) -> dict:
     skipped = sum(s["skipped"] for s in samples)
+    truncated = [t for s in samples for t in s["truncated"]]
     samples = [s for s in samples if "image" in s]
-    batch: dict[str, Any] = {"skipped": skipped, "key": [s["key"] for s in samples]}
+    batch: dict[str, Any] = {"skipped": skipped, "truncated": truncated, "key": [s["key"] for s in samples]}
     # (worker, samples of its stream read so far) after this batch: the resume position.
     batch["stream"] = samples[-1]["stream"] if samples else None
     batch["record"] = [s["record"] for s in samples]
@@ -130,6 +144,9 @@ class DataPosition:
 def _shuffle(src: Iterable[dict], buffer: int, rng: random.Random) -> Iterator[dict]:
     pool: list[dict] = []
     for sample in src:
+        if TRUNCATED in sample:  # a note, not a sample: passed on at once
+            yield sample
+            continue
         pool.append(sample)
         if len(pool) >= buffer:
             yield pool.pop(rng.randrange(len(pool)))
@@ -160,7 +177,12 @@ def train_pipeline(
 
     def numbered(src: Iterable[dict]) -> Iterator[dict]:
         worker, base = logical_worker(), worker_seed()
-        for index, sample in enumerate(_shuffle(src, shuffle_buffer, random.Random(base))):
+        index = -1
+        for sample in _shuffle(src, shuffle_buffer, random.Random(base)):
+            if TRUNCATED in sample:
+                yield sample
+                continue
+            index += 1
             if index < resume.samples.get(worker, 0):
                 continue  # consumed before the checkpoint: skipped without decoding
             sample["__seed__"] = base * 7_919 + index
@@ -169,7 +191,7 @@ def train_pipeline(
 
     return wds.DataPipeline(
         wds.ResampledShards(urls, worker_seed=worker_seed, deterministic=True),
-        wds.tarfile_to_samples(handler=wds.warn_and_continue),
+        partial(read_shards, on_truncated=note_truncated),
         numbered,
         partial(decode_samples, kind=kind, transform=transform, train=True),
         wds.batched(batch_size, collation_fn=collate, partial=False),
@@ -184,7 +206,7 @@ def eval_pipeline(
         wds.SimpleShardList(urls),
         split_by_rank(rank, world_size),
         split_by_worker,
-        wds.tarfile_to_samples(handler=wds.warn_and_continue),
+        read_shards,
         partial(decode_samples, kind=kind, transform=transform, train=False),
         wds.batched(batch_size, collation_fn=collate, partial=True),
     )

@@ -10,8 +10,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import webdataset as wds
-
 from blip.config import ConfigError
 from blip.config.schema import (
     CocoKarpathySource,
@@ -25,6 +23,7 @@ from blip.config.schema import (
 )
 from blip.data import synthetic
 from blip.data.items import Item
+from blip.data.shards import TruncatedShardError, shard_samples
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -34,6 +33,7 @@ class Skip:
     split: str
     ref: str
     reason: str
+    samples: int | None = None  # a truncated shard: the samples read before the cut
 
 
 class SourceError(ConfigError):
@@ -147,24 +147,19 @@ def folder(source: FolderSource) -> Iterator[Item | Skip]:
 
 def webdataset_shards(source: WebdatasetSource) -> Iterator[Item | Skip]:
     for shard in source.shards:
-        failures: list[str] = []
-
-        def note(exc: Exception, failures: list[str] = failures) -> bool:
-            failures.append(f"{type(exc).__name__}: {exc}")
-            return True  # keep reading what can be read
-
-        samples = wds.WebDataset(str(shard), shardshuffle=False, handler=note, empty_check=False)
-        for sample in samples:
-            ref = f"{shard}#{sample['__key__']}"
-            image_key = next((k for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
-            if image_key is None:
-                yield Skip(source.split, ref, "missing file: no image member")
-                continue
-            captions = _shard_captions(sample)
-            record = {"image_id": sample["__key__"], "captions": captions, "origin": source.origin}
-            yield Item(source.split, "pairs", ref, {"jpg": sample[image_key]}, record)
-        for failure in failures:
-            yield Skip(source.split, str(shard), f"unreadable shard: {failure}")
+        try:
+            for sample in shard_samples(str(shard)):
+                ref = f"{shard}#{sample['__key__']}"
+                image_key = next((k for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
+                if image_key is None:
+                    yield Skip(source.split, ref, "missing file: no image member")
+                    continue
+                record = {"image_id": sample["__key__"], "captions": _shard_captions(sample), "origin": source.origin}
+                yield Item(source.split, "pairs", ref, {"jpg": sample[image_key]}, record)
+        except TruncatedShardError as exc:  # what was read before the cut is kept; the cut is recorded
+            yield Skip(source.split, str(shard), f"truncated shard: {exc.reason}", samples=exc.samples)
+        except (OSError, ValueError) as exc:
+            yield Skip(source.split, str(shard), f"unreadable shard: {type(exc).__name__}: {exc}")
 
 
 def _shard_captions(sample: dict) -> list[str]:

@@ -12,10 +12,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
-import webdataset as wds
 from PIL import Image
 
 from blip.config.tasks import CapfiltConfig
+from blip.data.shards import shard_samples
 from blip.eval.filter_quality import removal_quality, roc_auc
 
 RANGES = {"itm": (0.0, 1.0), "itc": (-1.0, 1.0)}
@@ -77,7 +77,7 @@ def score_histogram(stats: list[dict], path: Path | None) -> dict | Path:
 
 def _images(url: str, keys: set[str]) -> dict[str, Image.Image]:
     found = {}
-    for sample in wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples()):
+    for sample in shard_samples(url):
         if sample["__key__"] in keys:
             found[sample["__key__"]] = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
     return found

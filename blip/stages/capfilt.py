@@ -38,7 +38,7 @@ from blip.data.ingest import swap_in
 from blip.data.language import is_true
 from blip.data.loader import split_by_worker
 from blip.data.scene import Scene
-from blip.data.shards import shard_urls
+from blip.data.shards import read_shards, shard_urls
 from blip.data.transforms import eval_transform
 from blip.eval.capfilt_report import capfilt_gallery, capfilt_metrics, score_histogram
 from blip.eval.retrieval import load_pair_split
@@ -109,7 +109,7 @@ def _decoded(src: Iterator[dict], image_sizes: tuple[int, ...]) -> Iterator[dict
 
 def unit_samples(url: str, image_sizes: tuple[int, ...], workers: int) -> Iterator[dict]:
     """One unit's samples, decoded by `workers` data-loader workers (each takes every workers-th sample)."""
-    pipeline = wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(), split_by_worker,
+    pipeline = wds.DataPipeline(wds.SimpleShardList([url]), read_shards, split_by_worker,
                                 lambda src: _decoded(src, image_sizes))  # fmt: skip
     return iter(wds.WebLoader(pipeline, batch_size=None, num_workers=workers))
 

@@ -58,6 +58,8 @@ class Trainer:
         self.run_id: str | None = None
         self.fingerprint = ""  # of the run's settings and data (blip.stages.training.run_fingerprint)
         self.history: list[dict[str, float]] = []
+        self.skipped_samples = 0  # corrupt samples the loader dropped (this rank)
+        self.truncated_shards: dict[str, str] = {}  # shard -> what the loader found (this rank)
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict[str, Any]:
@@ -105,6 +107,14 @@ class Trainer:
         return checkpoints.save_checkpoint(self.cfg.checkpoint_dir, self.step, self.state(), self.cfg.keep_checkpoints)
 
     # ------------------------------------------------------------------ loop
+    def _note_data(self, batch: dict) -> None:
+        self.skipped_samples += batch.get("skipped", 0)
+        for shard, samples, reason in batch.get("truncated", []):
+            if shard not in self.truncated_shards:
+                self.truncated_shards[shard] = f"{reason} after {samples} samples"
+                tqdm.write(f"warning: training shard {shard} is truncated ({reason} after {samples} samples): "
+                           "only the samples before the cut are trained on")  # fmt: skip
+
     def _micro_step(self, batch: dict, compute: Compute, sync: bool) -> dict[str, torch.Tensor]:
         autocast = torch.autocast(self.ctx.device.type, dtype=self.dtype) if self.dtype is not None else nullcontext()
         no_sync = nullcontext() if sync or not self.ctx.distributed else self.ddp.no_sync()
@@ -131,6 +141,7 @@ class Trainer:
                     # A DataLoader draws its workers' seed from the global RNG when it starts (on the first
                     # batch): keep that out of the model's random stream, or a resumed run would diverge.
                     batch = next(stream)
+                self._note_data(batch)
                 losses = self._micro_step(batch, compute, sync=micro == cfg.accumulation - 1)
                 self.position.advance(batch)
                 values = torch.stack([v.float() for v in losses.values()]).tolist()  # one device-to-host copy
@@ -158,6 +169,9 @@ class Trainer:
                 means |= {"lr": lr, "samples_per_s": samples_per_step * len(window) / elapsed}
                 self.history.append({"step": self.step, **means})
                 run.log_metrics(means, step=self.step)
+                if self.skipped_samples or self.truncated_shards:  # logged only when there is something to see
+                    run.log_metrics({"data_skipped_samples": self.skipped_samples,
+                                     "data_truncated_shards": len(self.truncated_shards)}, step=self.step)  # fmt: skip
                 bar.set_postfix({k: f"{v:.3g}" for k, v in means.items() if k in ("loss", "lr", "samples_per_s")})
                 window, started = [], time.perf_counter()
             if self.step % cfg.checkpoint_every == 0 or self.step % cfg.steps_per_epoch == 0:

@@ -276,3 +276,32 @@ def test_ingest_logs_one_mlflow_run(small_params: Path) -> None:
     assert run.data.metrics["samples.web"] == 200 and run.data.metrics["skipped"] == 0
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"manifest.json", "ingest.json"} <= artifacts
+
+
+@pytest.mark.parametrize(
+    ("cut", "reason", "kept"),
+    [
+        ("end", "no end-of-archive blocks", 4),  # stops between members: nothing of them is lost
+        ("data", "ends mid-member", 3),  # inside the last image's bytes
+        ("header", "ends mid-header", 3),  # inside the last caption's header: that sample has no caption
+    ],
+)
+def test_a_truncated_shard_is_recorded_with_its_samples_read(tmp_path: Path, cut: str, reason: str, kept: int) -> None:
+    whole = tmp_path / "whole.tar"
+    jpg = io.BytesIO()
+    Image.new("RGB", (16, 16), (9, 9, 9)).save(jpg, "JPEG")
+    with wds.TarWriter(str(whole)) as sink:
+        for key in "abcd":
+            sink.write({"__key__": key, "jpg": jpg.getvalue(), "txt": f"caption {key}"})
+    with tarfile.open(whole) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+    offsets = {"end": tar.offset, "data": members["d.jpg"].offset_data + 100, "header": members["d.txt"].offset + 100}
+    shard = tmp_path / "cut.tar"
+    shard.write_bytes(whole.read_bytes()[: offsets[cut]])
+    manifest = run_ingest(tmp_path, [{"format": "webdataset", "split": "web_x", "shards": [str(shard)]}])
+    read = 3 if cut == "data" else 4  # a sample the cut went through is read only if a member of it was
+    assert manifest["skipped"]["shards"] == [
+        {"split": "web_x", "shard": str(shard), "samples": read, "reason": f"truncated shard: {reason}"}
+    ]
+    assert manifest["skipped"]["by_reason"]["truncated shard: " + reason] == 1
+    assert manifest["splits"]["web_x"]["samples"] == kept  # the samples before the cut are kept
