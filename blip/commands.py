@@ -1,7 +1,8 @@
 """Inference and export from the command line: `blip caption`, `blip itm`, `blip export-hf`.
 
-Each accepts our weights (safetensors with the model config inside) and official-layout files (`.pth`, with the
-model config from `--params`/`--set`, e.g. `--params configs/base.yaml` for BLIP base checkpoints).
+Each accepts our weights (safetensors with the model config inside), transformers BLIP folders (config.json and
+tokenizer inside) and official-layout files (`.pth`, with the model config from `--params`/`--set`, e.g.
+`--params configs/base.yaml` for BLIP base checkpoints). Weights that carry their config need no params file.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import nn
 from transformers import PreTrainedTokenizer
 
 from blip.config import load_params
+from blip.config.params import DEFAULT_PARAMS
 from blip.config.schema import ModelConfig
 from blip.data.transforms import eval_transform
 from blip.models.export_hf import HF_CLASSES, export_hf
@@ -26,12 +28,16 @@ from blip.stages.common import stage_parser
 
 def _parser(command: str, description: str) -> argparse.ArgumentParser:
     parser = stage_parser(command, description)
-    parser.add_argument("--weights", type=Path, required=True, help="our .safetensors or an official .pth")
+    parser.add_argument("--weights", type=Path, required=True,
+                        help="our .safetensors, a transformers BLIP folder, or an official .pth")  # fmt: skip
     return parser
 
 
 def _load(task: str, args: argparse.Namespace) -> tuple[nn.Module, ModelConfig, PreTrainedTokenizer]:
     """(model holding the file's weights, its config, the tokenizer)."""
+    if args.params == DEFAULT_PARAMS and not args.params.is_file() and not args.overrides:
+        model, tokenizer = load_trained(task, args.weights, None, None)  # the weights must describe themselves
+        return model.eval(), model.model_config, tokenizer
     params = load_params(args.params, args.overrides)
     model, tokenizer = load_trained(task, args.weights, params.model, params.tokenizer.name)
     return model.eval(), model.model_config, tokenizer

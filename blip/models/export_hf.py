@@ -107,6 +107,9 @@ def export_hf(
 ) -> Path:
     """Write a `from_pretrained` folder (weights, config, processor with our tokenizer) for `kind`."""
     model_class, _ = HF_CLASSES[kind]
+    if kind == "vqa" and cfg.text_width != cfg.vision_width:
+        raise ValueError(f"transformers' BlipForQuestionAnswering cannot hold a VQA model whose text width "
+                         f"({cfg.text_width}) differs from its vision width ({cfg.vision_width})")  # fmt: skip
     model = model_class(hf_config(cfg, SpecialTokens.of(tokenizer)))
     missing, unexpected = model.load_state_dict(to_hf_state(state, kind), strict=False)
     missing = [k for k in missing if k not in ("text_decoder.cls.predictions.decoder.weight",)]

@@ -72,14 +72,16 @@ def read_folder(path: Path, base: ModelConfig | None = None) -> HFFolder:
             f"{path}: holds a {architecture} (model_type {raw.get('model_type')!r}){hint}; transformers folders "
             f"of {', '.join(ARCHITECTURES)} can be loaded"
         )
-    model = model_config(BlipConfig.from_dict(raw), base or ModelConfig(), _image_size(path), path)
+    model = model_config(BlipConfig.from_dict(raw), architecture, base or ModelConfig(), _image_size(path), path)
     has_tokenizer = any((path / name).is_file() for name in TOKENIZER_FILES)
     if has_tokenizer:
         _check_tokenizer(path, BlipConfig.from_dict(raw))
     return HFFolder(path, architecture, model, str(path) if has_tokenizer else None)
 
 
-def model_config(config: BlipConfig, base: ModelConfig, image_size: int | None, path: Path) -> ModelConfig:
+def model_config(
+    config: BlipConfig, architecture: str, base: ModelConfig, image_size: int | None, path: Path
+) -> ModelConfig:
     """Our ModelConfig for a transformers BlipConfig (the inverse of `export_hf.hf_config`)."""
     vision, text = config.vision_config, config.text_config
     problems = [f"{side} hidden_act {c.hidden_act!r} (BLIP: gelu)" for side, c in (("vision", vision), ("text", text))
@@ -88,6 +90,11 @@ def model_config(config: BlipConfig, base: ModelConfig, image_size: int | None, 
         problems.append(f"vision intermediate_size {vision.intermediate_size} (BLIP's ViT: 4 x hidden_size)")
     if text.encoder_hidden_size != vision.hidden_size:
         problems.append(f"text encoder_hidden_size {text.encoder_hidden_size} != vision hidden_size")
+    if architecture == "BlipForQuestionAnswering" and text.hidden_size != vision.hidden_size:
+        # The port's answer decoder attends to the question states with key/value of the vision width: it cannot
+        # run on them; BLIP's uses the text width.
+        width, question = vision.hidden_size, text.hidden_size
+        problems.append(f"an answer decoder of the vision width {width} for questions {question} wide")
     if problems:
         raise NotBlipFolderError(f"{path}: not BLIP's architecture: {'; '.join(problems)}")
     return ModelConfig(

@@ -180,13 +180,14 @@ def init_bert_weights(module: nn.Module) -> None:
 
 
 class MED(nn.Module):
-    """BERT-style text transformer with optional cross-attention to image tokens in every layer."""
+    """BERT-style text transformer with optional cross-attention in every layer, to image tokens (of the vision
+    width) unless `context_width` says otherwise."""
 
-    def __init__(self, cfg: ModelConfig, cross_attention: bool = True) -> None:
+    def __init__(self, cfg: ModelConfig, cross_attention: bool = True, context_width: int | None = None) -> None:
         super().__init__()
         self.config = bert_config(cfg)
         self.embeddings = Embeddings(self.config)
-        self.encoder = Encoder(self.config, cfg.vision_width, cross_attention)
+        self.encoder = Encoder(self.config, context_width or cfg.vision_width, cross_attention)
         self.apply(init_bert_weights)
 
     def forward(
@@ -250,9 +251,9 @@ def lm_loss(
 class TextDecoder(nn.Module):
     """The image-grounded decoder: `bert` (a MED run causally) + `cls` (LM head tied to its embeddings)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, context_width: int | None = None) -> None:
         super().__init__()
-        self.bert = MED(cfg)
+        self.bert = MED(cfg, context_width=context_width)
         self.cls = LMHead(self.bert.config)
         self.cls.apply(init_bert_weights)
         self.tie_lm_head()

@@ -28,7 +28,9 @@ class BlipVQA(nn.Module):
         self.tokens, self.label_smoothing = tokens, label_smoothing
         self.visual_encoder = create_vit(cfg)
         self.text_encoder = MED(cfg)
-        self.text_decoder = TextDecoder(cfg)
+        # The answer decoder attends to the question states: text width (BLIP's VQA leaves its decoder config's
+        # encoder_width at the text width; it differs from the vision width in ViT-L models).
+        self.text_decoder = TextDecoder(cfg, context_width=cfg.text_width)
 
     def encode_question(
         self, images: torch.Tensor, question_ids: torch.Tensor, question_mask: torch.Tensor

@@ -36,9 +36,10 @@ IMAGE_SIZE = 32
 PROMPT_IDS = TOKENIZER(["a picture of"], return_tensors="pt").input_ids  # [CLS] a picture of [SEP]
 
 
-def small_blip_config() -> BlipConfig:
-    """Small, and unlike our defaults where transformers' differ (vision LayerNorm eps 1e-5, FFN 3 x width)."""
-    text = {"vocab_size": len(TOKENIZER), "hidden_size": 32, "encoder_hidden_size": 48, "intermediate_size": 96,
+def small_blip_config(text_width: int = 32) -> BlipConfig:
+    """Small, and unlike our defaults where transformers' differ (vision LayerNorm eps 1e-5, FFN 3 x width).
+    VQA needs the text width equal to the vision width (48) in the port."""
+    text = {"vocab_size": len(TOKENIZER), "hidden_size": text_width, "encoder_hidden_size": 48, "intermediate_size": 96,
             "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 40}  # fmt: skip
     vision = {"hidden_size": 48, "intermediate_size": 192, "num_hidden_layers": 2, "num_attention_heads": 4,
               "image_size": IMAGE_SIZE, "patch_size": 16, "layer_norm_eps": 1e-5}  # fmt: skip
@@ -145,8 +146,7 @@ def test_export_then_import_gives_bit_identical_weights(tmp_path: Path, task: st
 
 def test_pretraining_towers_from_a_blip_folder(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    config = small_blip_config()
-    folder = save_transformers_folder(BlipForQuestionAnswering(config), tmp_path / "blip-vqa", seed=3)
+    folder = save_transformers_folder(BlipForQuestionAnswering(small_blip_config(48)), tmp_path / "blip-vqa", seed=3)
     state = read_weights(folder).state
     cfg = read_weights(folder).model.model_copy(update={"vit_init": str(folder), "bert_init": str(folder)})
     model = build_model("pretrain", cfg, TOKENIZER, queue_size=16)
@@ -197,6 +197,23 @@ def test_other_architectures_are_refused_by_name(tmp_path: Path, make: object, f
     with pytest.raises(NotBlipFolderError, match=found):
         read_weights(folder)
     assert isinstance(NotBlipFolderError("x"), ConfigError)  # `blip` prints it and exits 2
+
+
+def test_a_vqa_folder_whose_decoder_cannot_attend_to_its_questions_is_refused(tmp_path: Path) -> None:
+    BlipForQuestionAnswering(small_blip_config(32)).save_pretrained(tmp_path / "vqa")  # vision 48, text 32
+    with pytest.raises(NotBlipFolderError, match="answer decoder of the vision width 48 for questions 32 wide"):
+        read_weights(tmp_path / "vqa")
+
+
+def test_blip_vqa_answer_decoder_attends_with_the_text_width() -> None:
+    cfg = TINY_BERT.model_copy(update={"text_width": 64, "text_heads": 4})  # vision 96, as ViT-L 1024 vs BERT 768
+    model = build_model("vqa", cfg, TOKENIZER).eval()
+    key = model.text_decoder.bert.encoder.layer[0].crossattention.self.key
+    assert key.in_features == 64 and model.text_encoder.encoder.layer[0].crossattention.self.key.in_features == 96
+    question = TOKENIZER(["what colour is it?"], return_tensors="pt")
+    (answer,) = model.generate(torch.randn(1, 3, cfg.image_size, cfg.image_size), question.input_ids,
+                               question.attention_mask)  # fmt: skip
+    assert isinstance(answer, list)
 
 
 def test_a_folder_without_config_is_named(tmp_path: Path) -> None:
