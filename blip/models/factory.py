@@ -68,7 +68,10 @@ def build_model(
             if isinstance(module, MED | NlvrEncoder) and not name.split(".")[0].endswith("_m"):
                 # A BLIP folder's same-named tower (encoder, decoder) when it has one, else the one it has; what
                 # the decoder shares with the encoder (pretraining) keeps the encoder's, loaded first.
-                load_text_state(module, towers.get(name) or next(iter(towers.values())), cfg.bert_init, done)
+                fresh = load_text_state(module, towers.get(name) or next(iter(towers.values())), cfg.bert_init, done)
+                if fresh:
+                    print(f"model.bert_init={cfg.bert_init}: {name}: {len(fresh)} tensors fresh ({', '.join(fresh[:3])}"
+                          f"{', ...' if len(fresh) > 3 else ''})")  # fmt: skip
     if hasattr(model, "momentum_pairs"):
         copy_to_momentum(model.momentum_pairs)
     model.model_config = cfg  # the resolved config (vocab size included), saved with the weights
@@ -98,10 +101,10 @@ def text_init_states(source: str) -> dict[str, dict[str, torch.Tensor]]:
     return towers
 
 
-def load_text_state(med: MED | NlvrEncoder, state: dict[str, torch.Tensor], source: str, done: set[int]) -> None:
+def load_text_state(med: MED | NlvrEncoder, state: dict[str, torch.Tensor], source: str, done: set[int]) -> list[str]:
     """A text tower's embeddings, self-attention and FFN (and cross-attention, when it has one of our vision
     width) into a MED, except tensors in `done` (ids, updated); token-type embeddings, pooler and deeper layers
-    than ours are not used."""
+    than ours are not used. Returns the MED's tensors left as built."""
     layers = {int(k.split(".")[2]) for k in state if k.startswith("encoder.layer.")}
     width = state["embeddings.word_embeddings.weight"].shape[1]
     if width != med.config.hidden_size or len(layers) < len(med.encoder.layer):
@@ -125,6 +128,7 @@ def load_text_state(med: MED | NlvrEncoder, state: dict[str, torch.Tensor], sour
             loaded[key] = value
             done.add(id(own[key]))
     med.load_state_dict(loaded, strict=False)
+    return [key for key, tensor in own.items() if id(tensor) not in done]
 
 
 @dataclass(frozen=True)

@@ -72,10 +72,11 @@ def read_folder(path: Path, base: ModelConfig | None = None) -> HFFolder:
             f"{path}: holds a {architecture} (model_type {raw.get('model_type')!r}){hint}; transformers folders "
             f"of {', '.join(ARCHITECTURES)} can be loaded"
         )
-    model = model_config(BlipConfig.from_dict(raw), architecture, base or ModelConfig(), _image_size(path), path)
+    config = BlipConfig.from_dict(raw)  # transformers' own defaults for what the file leaves out
+    model = model_config(config, architecture, base or ModelConfig(), _image_size(path), path)
     has_tokenizer = any((path / name).is_file() for name in TOKENIZER_FILES)
     if has_tokenizer:
-        _check_tokenizer(path, BlipConfig.from_dict(raw))
+        _check_tokenizer(path, config)
     return HFFolder(path, architecture, model, str(path) if has_tokenizer else None)
 
 

@@ -60,7 +60,9 @@ def run_fingerprint(params: Params, cfg: TrainConfig) -> str:
         digest.update(section.model_dump_json().encode())
     root = cfg.shard_root or params.data.shard_root
     files = [Path(url) for split in cfg.splits for url in shard_urls(root / split)]
-    files += [Path(params.tokenizer.name), Path(str(getattr(cfg, "init", "")))]
+    files += [Path(params.tokenizer.name)]
+    if isinstance(init := getattr(cfg, "init", None), Path):  # a fine-tune's initial weights (file or folder)
+        files.append(init)
     for path in files:
         if path.exists():
             digest.update(_head_digest(path))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from blip.cli import main as blip_main
 from blip.config import load_params
 from blip.data.shards import read_records
 from blip.data.tokenizer import load_tokenizer
@@ -184,3 +185,22 @@ def test_capfilt_under_torchrun_equals_one_process(project: Path, weights: dict,
         outputs[name] = pairs(out / "capfilt/bootstrapped")
     # ranks took turns at the units (and two workers decoded each): the same pairs as one process
     assert outputs["two"] == outputs["one"] and len(outputs["one"]) > 40
+
+
+def test_capfilt_from_transformers_folders_equals_capfilt_from_our_weights(
+    project: Path, weights: dict, here: Path
+) -> None:
+    from blip.stages.capfilt import main
+
+    for task in ("caption", "retrieval"):  # the same weights as transformers folders (their own tokenizer files)
+        assert blip_main(["export-hf", "--weights", str(weights[task]), "--task", task,
+                          "--out", str(here / f"hf-{task}")]) == 0  # fmt: skip
+    folders = {"caption": here / "hf-caption", "retrieval": here / "hf-retrieval"}
+    outputs = {}
+    for name, source in (("ours", weights), ("transformers", folders)):
+        (here / name).mkdir()
+        assert main(capfilt_args(project, source, here / name)) == 0
+        manifest = json.loads((here / name / "capfilt/manifest.json").read_text())
+        outputs[name] = (pairs(here / name / "capfilt/bootstrapped"), manifest["threshold"])
+    assert outputs["transformers"][0] == outputs["ours"][0] and len(outputs["ours"][0]) > 40
+    assert outputs["transformers"][1] == pytest.approx(outputs["ours"][1], abs=1e-6)
