@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizer
 
 from blip.config import load_params
 from blip.config.params import DEFAULT_PARAMS
-from blip.config.schema import ModelConfig
+from blip.config.schema import ModelConfig, TokenizerConfig
 from blip.data.transforms import eval_transform
 from blip.models.export_hf import HF_CLASSES, export_hf
 from blip.models.factory import load_trained
@@ -33,14 +33,14 @@ def _parser(command: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def _load(task: str, args: argparse.Namespace) -> tuple[nn.Module, ModelConfig, PreTrainedTokenizer]:
-    """(model holding the file's weights, its config, the tokenizer)."""
+def _load(task: str, args: argparse.Namespace) -> tuple[nn.Module, ModelConfig, PreTrainedTokenizer, int]:
+    """(model holding the file's weights, its config, the tokenizer, the text tokens it keeps)."""
     if args.params == DEFAULT_PARAMS and not args.params.is_file() and not args.overrides:
         model, tokenizer = load_trained(task, args.weights, None, None)  # the weights must describe themselves
-        return model.eval(), model.model_config, tokenizer
+        return model.eval(), model.model_config, tokenizer, TokenizerConfig().max_length
     params = load_params(args.params, args.overrides)
     model, tokenizer = load_trained(task, args.weights, params.model, params.tokenizer.name)
-    return model.eval(), model.model_config, tokenizer
+    return model.eval(), model.model_config, tokenizer, params.tokenizer.max_length
 
 
 def _images(paths: list[Path], cfg: ModelConfig) -> torch.Tensor:
@@ -59,7 +59,7 @@ def caption_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0, help="for nucleus sampling")
     args = parser.parse_args(argv)
-    model, cfg, tokenizer = _load("caption", args)
+    model, cfg, tokenizer, _ = _load("caption", args)
     config = GenerationConfig(args.method, args.num_beams, args.max_length, args.min_length, args.top_p,
                               args.repetition_penalty)  # fmt: skip
     generator = torch.Generator().manual_seed(args.seed)
@@ -74,8 +74,8 @@ def itm_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("image", type=Path)
     parser.add_argument("texts", nargs="+")
     args = parser.parse_args(argv)
-    model, cfg, tokenizer = _load("retrieval", args)
-    batch = tokenizer(args.texts, padding="longest", truncation=True, max_length=35, return_tensors="pt")
+    model, cfg, tokenizer, max_length = _load("retrieval", args)
+    batch = tokenizer(args.texts, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
     images = _images([args.image], cfg).expand(len(args.texts), -1, -1, -1)
     probability, similarity = model.score_pairs(images, batch.input_ids, batch.attention_mask)
     print("itm_probability\titc_similarity\ttext")
@@ -89,7 +89,7 @@ def export_hf_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--task", choices=sorted(HF_CLASSES), required=True)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    model, cfg, tokenizer = _load(args.task, args)  # export names match our task names
+    model, cfg, tokenizer, _ = _load(args.task, args)  # export names match our task names
     export_hf(model.state_dict(), cfg, tokenizer, args.task, args.out)
     print(f"wrote {args.out} ({HF_CLASSES[args.task][0].__name__})")
     return 0

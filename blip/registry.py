@@ -68,7 +68,7 @@ def better(spec: RegisteredModel, new: float, old: float) -> bool:
     return new > old if spec.higher_is_better else new < old
 
 
-def promote_model(name: str, spec: RegisteredModel, alias: str, locked: dict[str, str]) -> list[str]:
+def promote_model(name: str, spec: RegisteredModel, alias: str, locked: dict[str, str], max_length: int) -> list[str]:
     """Register the new candidates of one model and move its alias if one wins; report lines."""
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -89,7 +89,7 @@ def promote_model(name: str, spec: RegisteredModel, alias: str, locked: dict[str
         else:
             run_id = training_run(client, stem)
             with mlflow.start_run(run_id=run_id, run_name=None if run_id else f"register-{stem}"):
-                info = log_pyfunc(spec.task, found.weights)
+                info = log_pyfunc(spec.task, found.weights, max_length)
                 run_id = mlflow.active_run().info.run_id
             tags = {**found.hashes, "blip.run_id": run_id, "git.commit": git_commit(), "blip.stem": stem,
                     "blip.metric": spec.metric, "blip.metric_value": str(found.value)}  # fmt: skip
@@ -120,7 +120,7 @@ def promote(params: Params) -> str:
     locked = dvc_hashes()
     lines = ["| model | candidate | metric | outcome |", "|---|---|---|---|"]
     for name, spec in params.promotion.models.items():
-        lines += promote_model(name, spec, params.promotion.alias, locked)
+        lines += promote_model(name, spec, params.promotion.alias, locked, params.tokenizer.max_length)
     return "\n".join(lines) + "\n"
 
 

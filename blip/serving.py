@@ -23,6 +23,8 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from blip.config.schema import TokenizerConfig
+
 TASKS = ("caption", "retrieval", "vqa", "nlvr")
 INPUTS = {"caption": ["image"], "retrieval": ["image", "text"], "vqa": ["image", "question"],
           "nlvr": ["image", "image2", "text"]}  # fmt: skip
@@ -43,15 +45,12 @@ RUNTIME = (
 )  # what the pyfunc imports, pinned to this environment's versions
 
 
-def encode_image(path: Path) -> str:
-    return base64.b64encode(path.read_bytes()).decode()
-
-
 class BlipPyfunc(mlflow.pyfunc.PythonModel):
-    def __init__(self, task: str) -> None:
+    def __init__(self, task: str, max_length: int = TokenizerConfig().max_length) -> None:
+        """`max_length`: the text tokens a row keeps (the model's `tokenizer.max_length`)."""
         if task not in TASKS:
             raise ValueError(f"no pyfunc for task {task!r} (one of {', '.join(TASKS)})")
-        self.task = task
+        self.task, self.max_length = task, max_length
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         from blip.data.transforms import eval_transform
@@ -86,7 +85,9 @@ class BlipPyfunc(mlflow.pyfunc.PythonModel):
             config = GenerationConfig("beam", num_beams=3, max_length=20, min_length=5)
             return pd.DataFrame({"caption": decode(self.model.generate(images, config))})
         texts = rows["question" if self.task == "vqa" else "text"].astype(str).tolist()
-        tokens = self.tokenizer(texts, padding="longest", truncation=True, max_length=35, return_tensors="pt")
+        tokens = self.tokenizer(
+            texts, padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
         if self.task == "retrieval":
             probability, similarity = self.model.score_pairs(images, tokens.input_ids, tokens.attention_mask)
             return pd.DataFrame({"itm_probability": probability.tolist(), "itc_similarity": similarity.tolist()})
@@ -97,7 +98,7 @@ class BlipPyfunc(mlflow.pyfunc.PythonModel):
         return pd.DataFrame({"answer": decode(self.model.generate(images, tokens.input_ids, tokens.attention_mask))})
 
 
-def log_pyfunc(task: str, weights: Path, name: str = "model") -> mlflow.models.model.ModelInfo:
+def log_pyfunc(task: str, weights: Path, max_length: int, name: str = "model") -> mlflow.models.model.ModelInfo:
     """Log `weights` as a pyfunc model in the active run (the vocabulary file and `blip` itself travel along)."""
     from blip.models.checkpoint import stored_config
 
@@ -112,6 +113,6 @@ def log_pyfunc(task: str, weights: Path, name: str = "model") -> mlflow.models.m
     # Declared, not inferred: inference loads the model in a subprocess (about 10 s per version).
     requirements = [f"{name}=={version(name)}" for name in RUNTIME]
     return mlflow.pyfunc.log_model(
-        name=name, python_model=BlipPyfunc(task), artifacts=artifacts, pip_requirements=requirements,
+        name=name, python_model=BlipPyfunc(task, max_length), artifacts=artifacts, pip_requirements=requirements,
         code_paths=[str(Path(__file__).parent)], signature=mlflow.models.infer_signature(example),
     )  # fmt: skip

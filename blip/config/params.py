@@ -40,6 +40,7 @@ from blip.config.tasks import (
     VqaFinetuneConfig,
     ZeroShotConfig,
 )
+from blip.files import not_found
 
 ENV_PREFIX = "BLIP__"
 DEFAULT_PARAMS = Path("params.yaml")
@@ -120,6 +121,8 @@ def _format(error: ValidationError, path: Path) -> str:
         message = item["msg"].removeprefix("Value error, ")
         shown = item.get("input")
         got = "" if isinstance(shown, dict) else f" (got {shown!r})"
+        if item["type"] in ("path_not_file", "path_not_directory"):  # pydantic's FilePath / DirectoryPath
+            message, got = f"{message}: {not_found(Path(str(shown)))}", ""
         lines.append(f"  {key}: {message}{got}")
     return "\n".join(lines)
 
@@ -127,7 +130,7 @@ def _format(error: ValidationError, path: Path) -> str:
 def load_params(path: str | Path = DEFAULT_PARAMS, overrides: Iterable[str] = ()) -> Params:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"params file not found: {path}")
+        raise ConfigError(not_found(path, "params file"))
     try:
         content = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:

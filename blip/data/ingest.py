@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -28,6 +27,7 @@ from blip.data.scene import encode_jpeg
 from blip.data.shards import ShardWriter
 from blip.data.sources import Skip, iter_source
 from blip.data.text import pre_caption, pre_question
+from blip.files import swap_in
 
 MANIFEST = "manifest.json"
 SKIP_EXAMPLES = 200  # skipped entries listed one by one in the manifest (all are counted)
@@ -191,13 +191,3 @@ def _write_all(params: Params, staging: Path, show_progress: bool) -> dict:
     }
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
-
-
-def swap_in(staging: Path, out_dir: Path) -> None:
-    """Replace `out_dir` by the finished `staging` folder (the old output is removed only afterwards)."""
-    old = out_dir.parent / f".{out_dir.name}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(staging, out_dir)
-    shutil.rmtree(old, ignore_errors=True)

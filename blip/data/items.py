@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -19,3 +20,8 @@ class Item:
     ref: str  # where it came from, for the manifest's skip report
     images: dict[str, ImageSource]  # shard member extension ("jpg", "left.jpg") -> image
     record: dict  # the sample's json member
+
+
+def image_id_numbers(records: list[dict]) -> list[int]:
+    """Stable integers from the records' image ids (captions of one image share one): ITC's positives."""
+    return [zlib.crc32(r["image_id"].encode()) & 0x7FFFFFFF for r in records]

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import BinaryIO
 
 import webdataset as wds
+
+from blip.files import atomic_path, not_found
 
 
 class ShardWriter:
@@ -27,16 +29,18 @@ class ShardWriter:
         self.samples_per_shard = samples_per_shard
         self.shards: dict[str, str] = {}  # shard file name -> sha256 of its bytes
         self.samples = 0
-        self._file: BinaryIO | None = None
+        self._open: ExitStack | None = None  # the shard being written: its atomic path and file
         self._tar: wds.TarWriter | None = None
         self._in_shard = 0
         folder.mkdir(parents=True, exist_ok=True)
 
     def write(self, key: str, members: dict[str, bytes]) -> None:
         if self._tar is None:
-            self._file = open(self._partial_path(), "wb")  # noqa: SIM115 - closed in _finish_shard
+            self._open = ExitStack()
+            partial = self._open.enter_context(atomic_path(self.folder / self._name()))
             # mtime fixed so the same samples always give the same bytes (stable content hash).
-            self._tar = wds.TarWriter(self._file, encoder=False, mtime=0.0)
+            handle = self._open.enter_context(open(partial, "wb"))  # noqa: SIM115 - the ExitStack closes it
+            self._tar = wds.TarWriter(handle, encoder=False, mtime=0.0)
         self._tar.write({"__key__": key, **members})
         self.samples += 1
         self._in_shard += 1
@@ -46,20 +50,13 @@ class ShardWriter:
     def _name(self) -> str:
         return f"shard-{len(self.shards):06d}.tar"
 
-    def _partial_path(self) -> Path:
-        return self.folder / f"{self._name()}.partial"
-
     def _finish_shard(self) -> None:
-        assert self._tar is not None and self._file is not None
+        assert self._tar is not None and self._open is not None
+        final = self.folder / self._name()
         self._tar.close()  # writes the tar end blocks; the file object stays ours to close
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        partial, final = self._partial_path(), self.folder / self._name()
-        digest = hashlib.sha256(partial.read_bytes()).hexdigest()
-        os.replace(partial, final)
-        self.shards[final.name] = digest
-        self._tar, self._file, self._in_shard = None, None, 0
+        self._open.close()  # closes the file, then names it
+        self.shards[final.name] = hashlib.sha256(final.read_bytes()).hexdigest()
+        self._tar, self._open, self._in_shard = None, None, 0
 
     def close(self) -> None:
         if self._tar is not None:
@@ -139,6 +136,8 @@ def read_shards(src: Iterable[dict], on_truncated: Callable[[TruncatedShardError
 
 def shard_urls(folder: Path) -> list[str]:
     """The complete shards of one split, in order (a `.partial` file is never listed)."""
+    if not folder.is_dir():
+        raise FileNotFoundError(not_found(folder, "shard folder") + ": run `blip ingest` first?")
     urls = sorted(str(p) for p in folder.glob("shard-*.tar"))
     if not urls:
         raise FileNotFoundError(f"no shards in {folder}: run `blip ingest` first")

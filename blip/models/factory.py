@@ -9,8 +9,9 @@ none, and loads from a BLIP folder.
 
 from __future__ import annotations
 
+import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,16 +22,16 @@ from blip.config import ConfigError
 from blip.config.schema import ModelConfig
 from blip.data.tokenizer import SpecialTokens, load_tokenizer
 from blip.models.caption import PROMPT, BlipCaptioner
-from blip.models.checkpoint import LoadReport, load_official, read_state_dict, stored_config
-from blip.models.contrastive import copy_to_momentum
+from blip.models.checkpoint import read_file, read_state_dict
 from blip.models.import_hf import is_blip_folder, is_transformers_folder, read_folder, read_state
 from blip.models.med import MED
 from blip.models.nlvr import BlipNLVR, NlvrEncoder
 from blip.models.pretrain import BlipPretrain
 from blip.models.retrieval import BlipRetrieval
-from blip.models.vit import load_vit_state, timm_state
+from blip.models.vit import load_vit_state, resize_pos_embed, timm_state
 from blip.models.vqa import BlipVQA
 
+POS_EMBED_KEYS = ("visual_encoder.pos_embed", "visual_encoder_m.pos_embed")
 TASKS = ("pretrain", "retrieval", "caption", "vqa", "nlvr")
 
 
@@ -72,8 +73,8 @@ def build_model(
                 if fresh:
                     print(f"model.bert_init={cfg.bert_init}: {name}: {len(fresh)} tensors fresh ({', '.join(fresh[:3])}"
                           f"{', ...' if len(fresh) > 3 else ''})")  # fmt: skip
-    if hasattr(model, "momentum_pairs"):
-        copy_to_momentum(model.momentum_pairs)
+    if hasattr(model, "sync_momentum"):
+        model.sync_momentum()
     model.model_config = cfg  # the resolved config (vocab size included), saved with the weights
     return model
 
@@ -131,6 +132,53 @@ def load_text_state(med: MED | NlvrEncoder, state: dict[str, torch.Tensor], sour
     return [key for key, tensor in own.items() if id(tensor) not in done]
 
 
+@dataclass
+class LoadReport:
+    dropped: list[str] = field(default_factory=list)  # in the file, not in this model (other parts)
+    initialised: list[str] = field(default_factory=list)  # not in the file, left as built (momentum copies, queues)
+    resized: list[str] = field(default_factory=list)  # position embeddings interpolated
+
+
+def _component(key: str) -> str:
+    return key.split(".")[0]
+
+
+def load_official(model: nn.Module, state: dict[str, torch.Tensor]) -> LoadReport:
+    """Load an official-layout state dict by name; see the module docstring for what is dropped or refused."""
+    own = model.state_dict()
+    report = LoadReport()
+    adapt = getattr(model, "adapt_official", None)  # e.g. NLVR2: one pretrained cross-attention -> two
+    state = adapt(state) if adapt else dict(state)
+    for key in POS_EMBED_KEYS:
+        if key in state and key in own and state[key].shape != own[key].shape:
+            state[key] = resize_pos_embed(state[key], own[key].shape[1] - 1)
+            report.resized.append(key)
+    own_components = {_component(k) for k in own}
+    unexpected = [k for k in state if k not in own and _component(k) in own_components]
+    if unexpected:
+        raise KeyError(f"keys of this model's parts that it does not have (another architecture?): {unexpected[:5]}")
+    report.dropped = sorted(k for k in state if _component(k) not in own_components)
+    for key, value in state.items():
+        if key in own and value.shape != own[key].shape:
+            raise ValueError(f"{key}: shape {tuple(value.shape)} in the file, {tuple(own[key].shape)} in the model")
+    # A tied weight (the LM head, the decoder's shared layers) is satisfied by any one of its names.
+    tensors = model.state_dict(keep_vars=True)
+    loaded = {id(t) for k, t in tensors.items() if k in state}
+    missing = [k for k, t in tensors.items() if k not in state and id(t) not in loaded]
+    # Momentum copies are rebuilt from the online weights and queues start fresh when a file lacks them (a
+    # fine-tuned file), as do the task heads a model declares in FRESH_PARAMETERS (a pretrained file).
+    fresh = re.compile("|".join(getattr(model, "FRESH_PARAMETERS", ())) or "$^")  # task heads a file may lack
+    optional = [k for k in missing if _component(k).endswith("_m") or "queue" in k or k == "temp" or fresh.search(k)]
+    required = [k for k in missing if k not in optional]
+    if required:
+        raise KeyError(f"the file lacks {len(required)} of this model's weights, e.g. {required[:5]}")
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    report.initialised = optional
+    if any(_component(k).endswith("_m") for k in optional) and hasattr(model, "sync_momentum"):
+        model.sync_momentum()
+    return report
+
+
 @dataclass(frozen=True)
 class Weights:
     """A weights source as read: the state dict in BLIP's official layout and what the source says of itself."""
@@ -150,9 +198,8 @@ def read_weights(path: Path, base: ModelConfig | None = None) -> Weights:
     if path.is_dir():
         raise ConfigError(f"{path}: a folder without config.json; weights are a file (.safetensors, .pth, .bin) "
                           "or a transformers BLIP folder (save_pretrained)")  # fmt: skip
-    stored = stored_config(path) if path.is_file() else None
-    state = read_state_dict(path)
-    return Weights(state, *stored, "blip") if stored else Weights(state, None, None, "official layout")
+    file = read_file(path)
+    return Weights(file.state, file.config, file.tokenizer, "blip" if file.config else "official layout")
 
 
 def describe(source: Path, weights: Weights, report: LoadReport) -> str:

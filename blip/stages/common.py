@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from blip.config import Params, load_params
 from blip.config.params import DEFAULT_PARAMS
+from blip.files import atomic_write_text
 
 
 def stage_parser(stage: str, description: str) -> argparse.ArgumentParser:
@@ -33,9 +33,4 @@ def parse_stage_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None
 
 def write_metrics(stage: str, metrics: dict, folder: Path = Path("metrics")) -> Path:
     """`metrics/<stage>.json`, written atomically (DVC reads it as a metrics file)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{stage}.json"
-    partial = path.with_suffix(".json.partial")
-    partial.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    os.replace(partial, path)
-    return path
+    return atomic_write_text(folder / f"{stage}.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")

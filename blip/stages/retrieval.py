@@ -11,85 +11,68 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 from transformers import PreTrainedTokenizer
 
 from blip.config import Params
-from blip.config.tasks import RetrievalEvalConfig
+from blip.config.tasks import RetrievalEvalConfig, RetrievalFinetuneConfig
+from blip.data.items import image_id_numbers
+from blip.distributed import DistContext, setup, teardown
 from blip.eval.retrieval import evaluate_retrieval, load_pair_split, recall_at_k
 from blip.eval.world import semantic_recall_at_1
-from blip.models.checkpoint import save_weights
 from blip.models.contrastive import DualEncoder, ramped_alpha
 from blip.models.factory import load_trained
-from blip.stages.common import parse_stage_args, stage_parser, write_metrics
-from blip.stages.pretrain import image_ids
-from blip.stages.training import finetune_setup, fit_and_finish, save_curves, with_init_model
+from blip.stages.common import parse_stage_args, stage_parser
+from blip.stages.driver import Recipe, Results, publish_results, stage_main
 from blip.tracking import stage_run
 from blip.tracking.plots import plot_recall
-from blip.tracking.runs import StageRun
-from blip.training.distributed import DistContext, setup, teardown
+from blip.training.loop import Trainer
 
 
 def evaluate(
-    model: DualEncoder, params: Params, cfg: RetrievalEvalConfig, tokenizer: PreTrainedTokenizer, ctx: DistContext
-) -> dict[str, dict[str, float]]:
+    model: DualEncoder, params: Params, cfg: RetrievalEvalConfig, tokenizer: PreTrainedTokenizer, ctx: DistContext,
+    name: str,
+) -> Results:  # fmt: skip
+    """Every rank takes part; rank 0's Results hold BLIP's numbers (ITM re-ranked) at the top level, ITC-only
+    under `itc_`, and the recall@K plot."""
     split = load_pair_split(params.data.shard_root / cfg.split, params.model.image_size, cfg.images)
     rankings = evaluate_retrieval(model, split, tokenizer, params.tokenizer.max_length, cfg.k_test, cfg.itc_chunk,
                                   cfg.itm_batch, ctx.device)  # fmt: skip
-    results = {name: recall_at_k(*pair, split.text_image) for name, pair in rankings.items()}
+    if not ctx.is_main:
+        return Results()
+    recall = {name: recall_at_k(*pair, split.text_image) for name, pair in rankings.items()}
     chance = 100.0 / len(split.image_ids)  # R@1 of a random ranking, both directions
-    results["split"] = {"images": float(len(split.image_ids)), "texts": float(len(split.texts)), "chance_r1": chance}
+    about = {"images": float(len(split.image_ids)), "texts": float(len(split.texts)), "chance_r1": chance}
     if all(split.scenes):  # the synthetic world: also count captions true of the image as hits (measuring only)
-        results["split"] |= semantic_recall_at_1(*rankings["itm"], split.texts, split.scenes)
-    return results
-
-
-def report(name: str, results: dict[str, dict[str, float]], run: StageRun, step: int | None) -> dict[str, float]:
-    """metrics/<name>.json: BLIP's numbers (ITM re-ranked) at the top level, ITC-only under `itc_`."""
-    metrics = dict(results["itm"]) | {f"itc_{k}": v for k, v in results["itc"].items()} | results["split"]
-    run.log_metrics(metrics, step=step)
-    plot = plot_recall({"ITC": results["itc"], "ITC + ITM re-rank": results["itm"]}, results["split"]["chance_r1"],
+        about |= semantic_recall_at_1(*rankings["itm"], split.texts, split.scenes)
+    plot = plot_recall({"ITC": recall["itc"], "ITC + ITM re-rank": recall["itm"]}, chance,
                        Path("reports") / name / "recall_at_k.png", name)  # fmt: skip
-    for artifact in (write_metrics(name, metrics), plot):
-        run.log_artifact(artifact)
-    print(f"{name}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-    return metrics
+    return Results(dict(recall["itm"]) | {f"itc_{k}": v for k, v in recall["itc"].items()} | about, [plot])
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    _, params = parse_stage_args(stage_parser("retrieval-finetune", __doc__ or ""), argv)
-    params = with_init_model(params, params.retrieval.init)
-    cfg = params.retrieval
-    ctx = setup()
-    try:
-        trainer, tokenizer, batches = finetune_setup(
-            "retrieval", params, cfg, ctx, queue_size=cfg.queue_size, momentum=cfg.momentum
-        )
-        max_length = params.tokenizer.max_length
+class Retrieval(Recipe):
+    task, title = "retrieval", "retrieval fine-tune (ITC + ITM)"
+    evaluate_on_all_ranks = True
+    cfg: RetrievalFinetuneConfig
 
-        def compute(forward: torch.nn.Module, batch: dict, step: int) -> dict[str, torch.Tensor]:
-            tokens = tokenizer(batch["text"], padding="longest", truncation=True, max_length=max_length,
-                               return_tensors="pt").to(ctx.device)  # fmt: skip
-            alpha = ramped_alpha(cfg.alpha, step, cfg.steps_per_epoch, cfg.alpha_ramp_epochs)
-            out = forward(batch["image"].to(ctx.device), tokens.input_ids, tokens.attention_mask,
-                          image_ids(batch["record"], ctx.device), alpha)  # fmt: skip
-            return {"loss": out.loss, "itc": out.itc, "itm": out.itm}
+    def build_args(self) -> dict[str, Any]:
+        return {"queue_size": self.cfg.queue_size, "momentum": self.cfg.momentum}
 
-        results: dict[str, dict[str, float]] = {}
+    def loss(self, model: nn.Module, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        tokens = self.tokens(batch["text"])
+        alpha = ramped_alpha(self.cfg.alpha, step, self.cfg.steps_per_epoch, self.cfg.alpha_ramp_epochs)
+        ids = torch.tensor(image_id_numbers(batch["record"]), device=self.ctx.device)
+        out = model(batch["image"].to(self.ctx.device), tokens.input_ids, tokens.attention_mask, ids, alpha)
+        return {"loss": out.loss, "itc": out.itc, "itm": out.itm}
 
-        def finish(run: StageRun) -> None:
-            report(cfg.name, results, run, trainer.step)
-            save_curves(cfg.name, trainer, run, "retrieval fine-tune (ITC + ITM)")
-            run.log_artifact(save_weights(trainer.model, cfg.output, params.tokenizer.name))
+    def evaluate(self, trainer: Trainer) -> Results:
+        return evaluate(trainer.model, self.params, self.cfg.eval, self.tokenizer, self.ctx, self.name)
 
-        def evaluate_all_ranks() -> None:
-            results.update(evaluate(trainer.model, params, cfg.eval, tokenizer, ctx))
 
-        fit_and_finish(cfg.name, params, trainer, batches, compute, finish, evaluate_all_ranks)
-    finally:
-        teardown()
-    return 0
+main = stage_main(Retrieval, "retrieval-finetune", "retrieval", __doc__ or "")
 
 
 def zeroshot_main(argv: Sequence[str] | None = None) -> int:
@@ -98,10 +81,10 @@ def zeroshot_main(argv: Sequence[str] | None = None) -> int:
     ctx = setup()
     try:
         model, tokenizer = load_trained("retrieval", cfg.weights, params.model, params.tokenizer.name)
-        results = evaluate(model.to(ctx.device), params, cfg.eval, tokenizer, ctx)
+        results = evaluate(model.to(ctx.device), params, cfg.eval, tokenizer, ctx, cfg.name)
         with stage_run(cfg.name, params) as run:
             if ctx.is_main:
-                report(cfg.name, results, run, None)
+                publish_results(cfg.name, results, run, None)
     finally:
         teardown()
     return 0

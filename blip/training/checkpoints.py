@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from blip.files import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -27,26 +28,12 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_atomic(path: Path, write: Any) -> None:
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "wb") as handle:
-        write(handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(partial, path)
-
-
 def save_checkpoint(folder: Path, step: int, payload: dict[str, Any], keep: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step-{step:09d}.pt"
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "wb") as handle:
-        torch.save(payload, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    digest = _sha256(partial)
-    _write_atomic(Path(f"{path}.sha256"), lambda handle: handle.write(digest.encode()))
-    os.replace(partial, path)
+    with atomic_path(path) as partial:  # the checksum goes first: a checkpoint never appears without one
+        torch.save(payload, partial)
+        atomic_write_text(Path(f"{path}.sha256"), _sha256(partial))
     for old in checkpoints(folder)[:-keep]:
         old.unlink(missing_ok=True)
         Path(f"{old}.sha256").unlink(missing_ok=True)

@@ -7,7 +7,9 @@ the `Trainer` does the rest the same way for pretraining and every fine-tune.
 from __future__ import annotations
 
 import math
+import os
 import random
+import shutil
 import time
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
@@ -21,9 +23,9 @@ from tqdm import tqdm
 
 from blip.config.schema import TrainConfig
 from blip.data.loader import DataPosition
+from blip.distributed import DistContext, all_true, barrier, mean_over_ranks
 from blip.tracking.runs import StageRun
 from blip.training import checkpoints
-from blip.training.distributed import DistContext, all_true, mean_over_ranks
 from blip.training.optim import build_optimizer, set_lr
 
 Compute = Callable[[nn.Module, dict, int], dict[str, torch.Tensor]]
@@ -40,7 +42,9 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, model: nn.Module, ctx: DistContext, lr_at: Callable[[int], float]) -> None:
+    def __init__(self, cfg: TrainConfig, model: nn.Module, ctx: DistContext, lr_at: Callable[[int], float],
+                 fingerprint: str = "") -> None:  # fmt: skip
+        """`fingerprint`: of the run's settings and data; a checkpoint made for another one is never resumed."""
         self.cfg, self.ctx, self.lr_at = cfg, ctx, lr_at
         self.model = model.to(ctx.device)
         self.optimizer = build_optimizer(self.model, cfg, ctx.device)
@@ -56,7 +60,7 @@ class Trainer:
         self.step = 0
         self.position = DataPosition()
         self.run_id: str | None = None
-        self.fingerprint = ""  # of the run's settings and data (blip.stages.training.run_fingerprint)
+        self.fingerprint = fingerprint
         self.history: list[dict[str, float]] = []
         self.skipped_samples = 0  # corrupt samples the loader dropped (this rank)
         self.truncated_shards: dict[str, str] = {}  # shard -> what the loader found (this rank)
@@ -101,6 +105,24 @@ class Trainer:
         self.restore(found[0])
         return found[1]
 
+    def resume(self) -> None:
+        """With `resume: auto`, continue from the newest valid checkpoint of this very run; one made for other
+        settings or data is moved aside to `<checkpoint_dir>.stale` (kept for inspection, never resumed)."""
+        if self.cfg.resume != "auto":
+            return
+        folder, name = self.cfg.checkpoint_dir, self.cfg.name
+        found = self.resume_from(folder)
+        if found == "stale":
+            stale = folder.with_name(folder.name + ".stale")
+            if self.ctx.is_main:
+                shutil.rmtree(stale, ignore_errors=True)
+                os.replace(folder, stale)
+                print(f"{name}: checkpoints in {folder} were made with other settings or data: moved to {stale}, "
+                      "starting fresh")  # fmt: skip
+            barrier(self.ctx)
+        elif found and self.ctx.is_main:
+            print(f"{name}: resuming from {found} (step {self.step})")
+
     def save(self) -> Path | None:
         if not self.ctx.is_main:
             return None
@@ -126,6 +148,7 @@ class Trainer:
 
     def fit(self, batches: Iterable[dict], compute: Compute, run: StageRun, samples_per_step: int) -> None:
         cfg = self.cfg
+        self.run_id = self.run_id or run.run_id  # a resumed run continues its MLflow run
         stream = iter(batches)
         bar = tqdm(total=cfg.total_steps, initial=self.step, desc="train", unit="step",
                    disable=not self.ctx.is_main, mininterval=1.0)  # fmt: skip

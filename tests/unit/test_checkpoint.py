@@ -13,7 +13,8 @@ from timm.layers import resample_abs_pos_embed
 
 from blip.data.tokenizer import BERT_SPECIAL_TOKENS as T
 from blip.models.caption import BlipCaptioner
-from blip.models.checkpoint import UnsafeCheckpointError, load_official, read_state_dict
+from blip.models.checkpoint import UnsafeCheckpointError, read_state_dict
+from blip.models.factory import load_official
 from blip.models.pretrain import BlipPretrain
 from blip.models.retrieval import BlipRetrieval
 from tests.conftest import TINY_BERT

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from blip.capfilt.bootstrap import keep
 from blip.config import ConfigError
 from blip.data import language
 from blip.data.scene import sample_scene
@@ -25,7 +26,6 @@ from blip.eval.world import semantic_recall_at_1
 from blip.models.factory import build_model
 from blip.stages.ablation import check_settings, mirrored
 from blip.stages.ablation import table as ablation_table
-from blip.stages.capfilt import keep
 from blip.stages.nlvr import accuracy
 from blip.stages.vqa import weighted_answers
 from tests.conftest import REPO, TINY_BERT

@@ -14,10 +14,10 @@ from blip.config.params import DEFAULT_PARAMS
 from blip.config.schema import AugmentConfig, PretrainConfig, TrainConfig
 from blip.data.loader import DataPosition, make_loader, train_pipeline
 from blip.data.transforms import train_transform
-from blip.stages.training import resume
+from blip.distributed import DistContext
+from blip.stages.driver import run_fingerprint
 from blip.tracking.runs import StageRun
 from blip.training import checkpoints
-from blip.training.distributed import DistContext
 from blip.training.loop import NonFiniteLossError, Trainer
 from blip.training.optim import cosine_lr, param_groups, pretrain_lr
 from tests.unit.test_loader import write_pairs
@@ -108,23 +108,23 @@ def test_checkpoint_of_other_settings_is_moved_aside_not_resumed(tmp_path: Path,
     params = load_params(DEFAULT_PARAMS, [f"data.shard_root={tmp_path / 'shards'}"])
     write_pairs(tmp_path / "shards" / "web", 4, 4)
     cfg = params.pretrain.model_copy(update={"checkpoint_dir": tmp_path / "ckpt", "splits": ["web"]})
-    first = Trainer(cfg, _Toy(), CPU, lambda step: cfg.lr)
-    resume("pretrain", first, params, cfg)
+    first = Trainer(cfg, _Toy(), CPU, lambda step: cfg.lr, run_fingerprint(params, cfg))
+    first.resume()
     first.step = 5
     first.save()
-    same = Trainer(cfg, _Toy(), CPU, lambda step: cfg.lr)
-    resume("pretrain", same, params, cfg)
+    same = Trainer(cfg, _Toy(), CPU, lambda step: cfg.lr, run_fingerprint(params, cfg))
+    same.resume()
     assert same.step == 5  # same settings and data: resumed
     changed_lr = cfg.model_copy(update={"lr": cfg.lr * 2})
-    fresh = Trainer(changed_lr, _Toy(), CPU, lambda step: cfg.lr)
-    resume("pretrain", fresh, params, changed_lr)
+    fresh = Trainer(changed_lr, _Toy(), CPU, lambda step: cfg.lr, run_fingerprint(params, changed_lr))
+    fresh.resume()
     assert fresh.step == 0 and not (tmp_path / "ckpt").exists()
     assert checkpoints.load_latest(tmp_path / "ckpt.stale")[0]["step"] == 5  # kept for inspection
     assert "made with other settings or data" in capsys.readouterr().out
     first.save()
     write_pairs(tmp_path / "shards" / "web", 5, 5)  # the same settings on other data: not resumed either
-    other_data = Trainer(cfg, _Toy(), CPU, lambda step: cfg.lr)
-    resume("pretrain", other_data, params, cfg)
+    other_data = Trainer(cfg, _Toy(), CPU, lambda step: cfg.lr, run_fingerprint(params, cfg))
+    other_data.resume()
     assert other_data.step == 0
 
 

@@ -11,8 +11,8 @@ from transformers import BlipForQuestionAnswering
 
 from blip.data.tokenizer import BERT_SPECIAL_TOKENS as T
 from blip.data.tokenizer import load_tokenizer
-from blip.models.checkpoint import load_official
 from blip.models.export_hf import export_hf
+from blip.models.factory import load_official
 from blip.models.med import lm_loss
 from blip.models.nlvr import BlipNLVR
 from blip.models.pretrain import BlipPretrain
