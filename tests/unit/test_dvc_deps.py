@@ -125,3 +125,21 @@ def test_dvc_status_reports_every_stage_whose_closure_holds_an_edited_module(tmp
         (tmp_path / module).write_text(original + "# edited\n")
         assert changed() == {name for name, closure in closures.items() if module in closure}, module
         (tmp_path / module).write_text(original)
+
+
+def test_no_import_circle_in_blip_counting_function_local_imports() -> None:
+    modules = {".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in (REPO / "blip").rglob("*.py")}  # fmt: skip
+    graph = {name: {m if m in modules else m.rsplit(".", 1)[0] for m in imported_modules(path)} - {name}
+             for name, path in modules.items()}  # fmt: skip
+    done: set[str] = set()
+
+    def visit(name: str, path: list[str]) -> None:
+        for target in graph.get(name, set()) & set(modules):
+            assert target not in path, "import circle: " + " -> ".join([*path[path.index(target) :], target])
+            if target not in done:
+                visit(target, [*path, target])
+        done.add(name)
+
+    for name in sorted(modules):
+        visit(name, [name])
