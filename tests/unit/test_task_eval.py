@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import random
 import socket
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,11 +23,11 @@ from blip.eval.filter_quality import removal_quality, roc_auc
 from blip.eval.retrieval import PairSplit, TopK, evaluate_retrieval, recall_at_k
 from blip.eval.world import semantic_recall_at_1
 from blip.models.factory import build_model
-from blip.stages.ablation import check_settings, mirrored
+from blip.stages.ablation import results_by_seed
 from blip.stages.ablation import table as ablation_table
 from blip.stages.nlvr import accuracy
 from blip.stages.vqa import weighted_answers
-from tests.conftest import REPO, TINY_BERT
+from tests.conftest import TINY_BERT
 from tests.unit.test_retrieval_eval import brute_force
 
 CPU = torch.device("cpu")
@@ -164,17 +163,33 @@ def test_ablation_table_reports_mean_and_std_over_seeds() -> None:
     assert markdown.count("\n") == 2 + 4  # header, rule, one row per arm (filter / captioner rows empty)
 
 
-def test_ablation_gives_the_repretraining_the_pretraining_budget() -> None:
-    sets = ["pretrain.epochs=4", "pretrain.splits=[web]", "caption.lr=1e-4", "pretrain.steps_per_epoch=50"]
-    assert mirrored(sets) == [*sets, "repretrain.epochs=4", "repretrain.steps_per_epoch=50"]
+def _experiment(name: str, seed: int, arm: tuple[bool, bool], r1: float, base_r1: float) -> dict:
+    retrieval = lambda value: {"data": {"txt_r1": value + 1, "img_r1": value - 1}}  # noqa: E731
+    metrics = {"metrics/retrieval.json": retrieval(base_r1), "metrics/retrieval_capfilt.json": retrieval(r1),
+               "metrics/caption.json": {"data": {"CIDEr": 1.0}},
+               "metrics/caption_capfilt.json": {"data": {"CIDEr": 2.0}},
+               "metrics/capfilt.json": {"data": {"filter_auc_itc": 0.8, "threshold": 0.3}},
+               "metrics/vqa.json": {"error": {"type": "FileNotFoundError"}}}  # fmt: skip
+    params = {"capfilt": {"use_captioner": arm[0], "use_filter": arm[1]}, "pretrain": {"seed": seed}}
+    return {"revs": [{"rev": f"{name}-rev", "name": name, "data": {"params": {"params.yaml": {"data": params}},
+                                                                   "metrics": metrics}}]}  # fmt: skip
 
 
-def test_ablation_folder_holds_one_configuration_only(tmp_path: Path) -> None:
-    params = REPO / "params.yaml"
-    check_settings(tmp_path, params, ["pretrain.epochs=2"])
-    check_settings(tmp_path, params, ["pretrain.epochs=2"])  # the same again: its finished arms are reusable
-    with pytest.raises(ConfigError, match="holds ablation runs made with other params or overrides"):
-        check_settings(tmp_path, params, ["pretrain.epochs=4"])
+def test_ablation_reads_arms_and_seeds_from_dvc_experiments() -> None:
+    shown = [{"rev": "workspace", "data": {}},
+             {"rev": "abc", "experiments": [_experiment("e1", 0, (True, True), 8.0, 5.0),
+                                            _experiment("e2", 0, (False, True), 7.0, 5.0),
+                                            _experiment("e3", 1, (True, True), 10.0, 6.0),
+                                            _experiment("off", 1, (False, False), 1.0, 6.0)]}]  # fmt: skip
+    results, names = results_by_seed(shown)
+    assert names == {(0, "both"): "e1", (0, "filter"): "e2", (1, "both"): "e3"}  # no CapFilt part: not an arm
+    assert results[0]["both"] == {"txt_r1": 9.0, "img_r1": 7.0, "CIDEr": 2.0, "r1_mean": 8.0, "filter_auc_itc": 0.8}
+    assert results[1]["none"] == {"txt_r1": 7.0, "img_r1": 5.0, "CIDEr": 1.0, "r1_mean": 6.0}  # its @pretrain runs
+    _, summary = ablation_table(results)
+    assert summary["both"]["r1_mean"]["values"] == [8.0, 10.0] and summary["none"]["r1_mean"]["mean"] == 5.5
+    shown[1]["experiments"].append(_experiment("again", 0, (True, True), 9.0, 5.0))
+    with pytest.raises(ConfigError, match="experiments e1 and again are both seed 0, arm both"):
+        results_by_seed(shown)
 
 
 def test_vqa_accuracy_of_a_split_scores_each_question_its_own_way() -> None:
