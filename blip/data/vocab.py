@@ -16,6 +16,7 @@ from pathlib import Path
 from tokenizers import BertWordPieceTokenizer
 
 from blip.data.shards import shard_urls
+from blip.files import atomic_write_text
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -37,9 +38,5 @@ def train_vocab(folders: list[Path], size: int, out: Path, extra_texts: list[str
     texts = itertools.chain(extra_texts, (text for folder in folders for text in split_texts(folder)))
     tokenizer.train_from_iterator(texts, vocab_size=size, min_frequency=1, special_tokens=SPECIAL,
                                   show_progress=False)  # fmt: skip
-    out.parent.mkdir(parents=True, exist_ok=True)
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
-    partial = out.with_name(out.name + ".partial")
-    partial.write_text("".join(f"{token}\n" for token, _ in vocab))
-    partial.replace(out)
-    return out
+    return atomic_write_text(out, "".join(f"{token}\n" for token, _ in vocab))

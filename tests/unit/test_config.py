@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,19 @@ def test_cli_reports_config_errors_before_work(tmp_path: Path, capsys: pytest.Ca
     assert code == 2
     assert "pretrain.lr: Input should be greater than 0" in capsys.readouterr().err
     assert not out_dir.exists()
+
+
+def test_a_relative_path_that_does_not_resolve_names_the_folder_it_was_resolved_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from blip.data.tokenizer import load_tokenizer
+    from blip.models.checkpoint import read_file
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=re.escape(f"not found: data/vocab96/vocab.txt (resolved from {tmp_path})")):
+        load_tokenizer("data/vocab96/vocab.txt")
+    with pytest.raises(
+        FileNotFoundError, match=re.escape(f"not found: models/x.safetensors (resolved from {tmp_path})")
+    ):
+        read_file(Path("models/x.safetensors"))
+    assert f"params file not found: own.yaml (resolved from {tmp_path})" in error_of(Path("own.yaml"))
