@@ -142,6 +142,10 @@ def test_export_then_import_gives_bit_identical_weights(tmp_path: Path, task: st
     # ... and loaded into a model: every weight equal, momentum copies (retrieval) from the imported online ones.
     reloaded, _ = load_trained(task, folder, None, None)
     assert all(torch.equal(reloaded.state_dict()[k], original[k]) for k in original if k not in momentum_or_queue)
+    # A transformers folder is accepted by export-hf too: exported again, the same weights.
+    again = tmp_path / f"hf-{task}-again"
+    assert blip_main(["export-hf", "--weights", str(folder), "--task", task, "--out", str(again)]) == 0
+    assert all(torch.equal(read_weights(again).state[k], imported.state[k]) for k in exported)
 
 
 def test_pretraining_towers_from_a_blip_folder(tmp_path: Path) -> None:
