@@ -108,12 +108,12 @@ def _members(stream: BinaryIO, url: str, ending: list[str]) -> Iterator[dict]:
         ending.append(READ_ERRORS.get(str(exc), f"unreadable tar ({exc})"))
 
 
-def shard_samples(url: str, stream: BinaryIO | None = None) -> Iterator[dict]:
+def shard_samples(url: str) -> Iterator[dict]:
     """One shard's samples (members grouped by key, as webdataset does); a tar that ends early raises
     `TruncatedShardError` once the samples before the cut are out."""
     ending: list[str] = []
     samples = 0
-    with stream or wds.gopen(url) as opened:
+    with wds.gopen(url) as opened:  # local paths, and the URLs and pipe: commands webdataset opens
         for sample in wds.tariterators.group_by_keys(_members(opened, url, ending)):
             samples += 1
             yield sample
