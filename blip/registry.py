@@ -64,6 +64,15 @@ def training_run(client, stem: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
+def registration_run(client, stem: str) -> str:
+    """A finished run to hold the version's lineage when no training run of `stem` is recorded."""
+    from blip.tracking.runs import use_experiment
+
+    run = client.create_run(use_experiment(), run_name=f"register-{stem}", tags={"blip.stage": "promote"})
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
 def better(spec: RegisteredModel, new: float, old: float) -> bool:
     return new > old if spec.higher_is_better else new < old
 
@@ -87,10 +96,11 @@ def promote_model(name: str, spec: RegisteredModel, alias: str, locked: dict[str
         elif found.hashes["dvc.md5.weights"] in registered:
             lines.append(f"| {name} | {stem} | {found.value:.4g} | already registered |")
         else:
-            run_id = training_run(client, stem)
-            with mlflow.start_run(run_id=run_id, run_name=None if run_id else f"register-{stem}"):
-                info = log_pyfunc(spec.task, found.weights, max_length)
-                run_id = mlflow.active_run().info.run_id
+            run_id = training_run(client, stem) or registration_run(client, stem)
+            # The model is logged against its training run without reopening it: reopening and closing a run
+            # would rewrite its end time (history must not change after the fact).
+            logged = mlflow.initialize_logged_model(name="model", source_run_id=run_id)
+            info = log_pyfunc(spec.task, found.weights, max_length, model_id=logged.model_id)
             tags = {**found.hashes, "blip.run_id": run_id, "git.commit": git_commit(), "blip.stem": stem,
                     "blip.metric": spec.metric, "blip.metric_value": str(found.value)}  # fmt: skip
             version = mlflow.register_model(info.model_uri, name, tags=tags)

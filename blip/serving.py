@@ -98,8 +98,10 @@ class BlipPyfunc(mlflow.pyfunc.PythonModel):
         return pd.DataFrame({"answer": decode(self.model.generate(images, tokens.input_ids, tokens.attention_mask))})
 
 
-def log_pyfunc(task: str, weights: Path, max_length: int, name: str = "model") -> mlflow.models.model.ModelInfo:
-    """Log `weights` as a pyfunc model in the active run (the vocabulary file and `blip` itself travel along)."""
+def log_pyfunc(task: str, weights: Path, max_length: int, name: str = "model", model_id: str | None = None
+               ) -> mlflow.models.model.ModelInfo:  # fmt: skip
+    """Log `weights` as a pyfunc model, into the logged model `model_id` when given (the vocabulary file and
+    `blip` itself travel along)."""
     from blip.models.checkpoint import stored_config
 
     stored = stored_config(weights)
@@ -114,5 +116,5 @@ def log_pyfunc(task: str, weights: Path, max_length: int, name: str = "model") -
     requirements = [f"{name}=={version(name)}" for name in RUNTIME]
     return mlflow.pyfunc.log_model(
         name=name, python_model=BlipPyfunc(task, max_length), artifacts=artifacts, pip_requirements=requirements,
-        code_paths=[str(Path(__file__).parent)], signature=mlflow.models.infer_signature(example),
+        code_paths=[str(Path(__file__).parent)], signature=mlflow.models.infer_signature(example), model_id=model_id,
     )  # fmt: skip

@@ -132,3 +132,19 @@ def test_registered_nlvr_model_judges_a_statement_about_two_images(workdir: Path
     assert out["probability_true"].tolist() == pytest.approx(expected.tolist(), abs=1e-5)
     with pytest.raises(ValueError, match="row 1: `image2` is not a base64-encoded image"):
         model.predict(pd.DataFrame({"image": [red, red], "image2": [red, "bm90IGFuIGltYWdl"], "text": ["a", "b"]}))
+
+
+def test_promotion_leaves_the_training_run_as_it_ended(workdir: Path) -> None:
+    from blip.tracking.runs import use_experiment
+
+    use_experiment()
+    with mlflow.start_run(run_name="caption", tags={"blip.stage": "caption"}) as run:
+        mlflow.log_metric("loss", 1.0)
+    client = MlflowClient()
+    before = client.get_run(run.info.run_id).info
+    write_candidate("caption", seed=0, cider=1.2)
+    promote(load_params(REPO / "params.yaml"))
+    (version,) = client.search_model_versions("name = 'blip-captioner'")
+    assert version.run_id == version.tags["blip.run_id"] == run.info.run_id  # lineage to the training run
+    after = client.get_run(run.info.run_id).info
+    assert (after.end_time, after.status) == (before.end_time, before.status)  # its history is not rewritten
