@@ -22,6 +22,7 @@ COMMANDS = {
     "vqa-finetune": ("blip.stages.vqa", "fine-tune and evaluate VQA (ranking and generation)"),
     "nlvr-finetune": ("blip.stages.nlvr", "fine-tune and evaluate NLVR2"),
     "capfilt": ("blip.stages.capfilt", "CapFilt: caption and filter the web pairs into new shards"),
+    "summary": ("blip.stages.summary", "the headline figure of every stage, per pretraining (dvc metrics show)"),
     "capfilt-ablation": ("blip.stages.ablation", "CapFilt ablation (none / filter / captioner / both) over seeds"),
     "promote": ("blip.registry", "register new models; move the champion alias to a better one"),
     "config": ("blip.stages.show_config", "print the validated configuration"),

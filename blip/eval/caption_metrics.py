@@ -24,8 +24,9 @@ def spice_unavailable_reason() -> str | None:
     return None
 
 
-def caption_scores(predictions: dict[str, str], references: dict[str, list[str]]) -> dict[str, float | str]:
-    """Corpus-level scores for `predictions[image_id]` against `references[image_id]` (same ids in both)."""
+def caption_scores(predictions: dict[str, str], references: dict[str, list[str]]) -> dict[str, float | None]:
+    """Corpus-level scores for `predictions[image_id]` against `references[image_id]` (same ids in both); SPICE is
+    None when its models are not installed."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.meteor.meteor import Meteor
@@ -37,7 +38,7 @@ def caption_scores(predictions: dict[str, str], references: dict[str, list[str]]
     tokenizer = PTBTokenizer()
     gts = tokenizer.tokenize({i: [{"caption": c} for c in refs] for i, refs in references.items()})
     res = tokenizer.tokenize({i: [{"caption": c}] for i, c in predictions.items()})
-    scores: dict[str, float | str] = {}
+    scores: dict[str, float | None] = {}
     bleu, _ = Bleu(4).compute_score(gts, res)
     scores.update({f"BLEU_{n}": float(value) for n, value in enumerate(bleu, start=1)})
     meteor = Meteor()  # a Java process; pycocoevalcap stops it when the scorer is garbage-collected
@@ -51,5 +52,5 @@ def caption_scores(predictions: dict[str, str], references: dict[str, list[str]]
 
         scores["SPICE"] = float(Spice().compute_score(gts, res)[0])
     else:
-        scores["SPICE"] = f"unavailable: {reason}"
+        scores["SPICE"] = None  # never estimated: spice_unavailable_reason() says why
     return scores

@@ -5,11 +5,8 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import torch
+from matplotlib.figure import Figure
 from transformers import PreTrainedTokenizer
 
 from blip.data.loader import eval_pipeline, make_loader
@@ -49,15 +46,17 @@ def caption_split(
     return predictions, references, pixels
 
 
-def caption_gallery(
-    predictions: dict[str, str], references: dict[str, list[str]], pixels: dict[str, torch.Tensor], path: Path,
-    count: int,
-) -> Path:  # fmt: skip
-    """A grid of images, each with its generated caption and two of its human captions."""
+def gallery_figure(
+    predictions: dict[str, str], references: dict[str, list[str]], pixels: dict[str, torch.Tensor], count: int,
+    model: str, split: str,
+) -> Figure:  # fmt: skip
+    """A grid of images, each with its generated caption and two of its human captions, titled with the model that
+    captioned and the split the images come from."""
     ids = list(predictions)[:count]
     columns = 4
     rows = max(1, -(-len(ids) // columns))
-    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 4.2 * rows), squeeze=False)
+    figure = Figure(figsize=(4 * columns, 4.6 * rows + 0.5), layout="constrained")  # room for 5 caption lines
+    axes = figure.subplots(rows, columns, squeeze=False)
     mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
     for axis in axes.flat:
         axis.axis("off")
@@ -65,8 +64,15 @@ def caption_gallery(
         axis.imshow((pixels[image_id] * std + mean).clamp(0, 1).permute(1, 2, 0).numpy(), interpolation="nearest")
         lines = [f"generated: {predictions[image_id]}", *(f"human: {c}" for c in references[image_id][:2])]
         axis.set_title("\n".join(textwrap.fill(line, 44) for line in lines), fontsize=8, loc="left")
-    figure.tight_layout()
+    figure.suptitle(f"{model}: generated vs human captions, the first {len(ids)} images of {split}", fontsize=12)
+    return figure
+
+
+def caption_gallery(
+    predictions: dict[str, str], references: dict[str, list[str]], pixels: dict[str, torch.Tensor], path: Path,
+    count: int, model: str, split: str,
+) -> Path:  # fmt: skip
+    """`gallery_figure` as a PNG; `model` names the captioner (e.g. its stage and weights file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    gallery_figure(predictions, references, pixels, count, model, split).savefig(path, dpi=100)
     return path

@@ -15,7 +15,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from blip.capfilt.bootstrap import Bootstrapper, load_models
-from blip.capfilt.report import capfilt_gallery, capfilt_metrics, score_histogram
+from blip.capfilt.report import capfilt_gallery, capfilt_metrics, score_counts, score_histogram
 from blip.capfilt.units import (
     SPLIT,
     Unit,
@@ -62,12 +62,17 @@ def publish(params: Params, units: list[Unit], threshold: float) -> None:
     stats = read_stats(cfg, units)
     metrics = capfilt_metrics(stats, threshold, cfg)
     manifest = {"split": SPLIT, "threshold": threshold, "rule": cfg.threshold_rule, "score": cfg.score,
-                "units": len(units), "metrics": metrics, "histograms": score_histogram(stats, None)}  # fmt: skip
+                "units": len(units), "metrics": metrics, "histograms": score_counts(stats)}  # fmt: skip
     assemble(cfg, units, manifest)
     reports = Path("reports/capfilt")
-    plots = [score_histogram(stats, reports / "scores.png"), capfilt_gallery(stats, reports / "gallery.png")]
-    with stage_run("capfilt", params) as run:
+    plots = [score_histogram(stats, reports / "scores.png", threshold, cfg),
+             capfilt_gallery(stats, reports / "gallery.png", threshold, cfg)]  # fmt: skip
+    captioner, kept_by = cfg.captioner if cfg.use_captioner else "off", cfg.filter if cfg.use_filter else "off"
+    description = (f"CapFilt of {SPLIT}: captioner {captioner}, filter {kept_by} ({cfg.score} >= {threshold:.3g}, "
+                   f"{cfg.threshold_rule} threshold)")  # fmt: skip
+    with stage_run("capfilt", params, ("capfilt", "model", "tokenizer", "data"), description) as run:
         run.log_metrics(metrics)
-        for artifact in (write_metrics("capfilt", metrics), cfg.out_dir / "manifest.json", *plots):
+        run.log_artifact(write_metrics("capfilt", metrics), "metrics.json")
+        for artifact in (cfg.out_dir / "manifest.json", *plots):
             run.log_artifact(artifact)
     print("capfilt: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))

@@ -17,7 +17,7 @@ from torch import nn
 
 from blip.config.tasks import CaptionFinetuneConfig
 from blip.data.shards import read_records
-from blip.eval.caption_metrics import caption_scores
+from blip.eval.caption_metrics import caption_scores, spice_unavailable_reason
 from blip.eval.captioning import caption_gallery, caption_split
 from blip.models.caption import PROMPT
 from blip.models.generation import GenerationConfig
@@ -55,13 +55,19 @@ class Captioning(Recipe):
                                   references)  # fmt: skip
         numeric |= {f"constant_{k}": baseline[k] for k in ("BLEU_4", "CIDEr")}
         metrics = {**numeric, "images": len(predictions), "loss": trainer.history[-1]["loss"]}
-        metrics |= {k: v for k, v in scores.items() if isinstance(v, str)}  # SPICE's reason, never a number
+        metrics["SPICE"] = scores["SPICE"]  # null when unavailable: the reason is a report, not a metric
         reports = Path("reports") / self.name
         reports.mkdir(parents=True, exist_ok=True)
         results = reports / "results.json"
         results.write_text(json.dumps([{"image_id": i, "caption": c} for i, c in predictions.items()], indent=1))
-        gallery = caption_gallery(predictions, references, pixels, reports / "gallery.png", cfg.gallery_images)
-        return Results(metrics, [results, gallery])
+        gallery = caption_gallery(predictions, references, pixels, reports / "gallery.png", cfg.gallery_images,
+                                  model=f"{self.name} ({cfg.output})", split=cfg.eval_split)  # fmt: skip
+        artifacts = [results, gallery]
+        if reason := spice_unavailable_reason():
+            print(f"{self.name}: SPICE unavailable: {reason}")
+            artifacts.append(reports / "unavailable.json")
+            artifacts[-1].write_text(json.dumps({"SPICE": reason}, indent=1))
+        return Results(metrics, artifacts)
 
 
 main = stage_main(Captioning, "caption-finetune", "caption", __doc__ or "")

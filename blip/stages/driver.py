@@ -18,7 +18,6 @@ from typing import Any, ClassVar
 
 import torch
 import webdataset as wds
-import yaml
 from torch import nn
 from transformers import PreTrainedTokenizer
 
@@ -70,6 +69,11 @@ class Recipe:
     def lr_at(self, step: int) -> float:
         """BLIP's fine-tuning schedule: cosine per epoch to `min_lr`, no warm-up."""
         return cosine_lr(self.cfg, step)
+
+    def schedule(self) -> str:
+        """`lr_at` in words, for the training curves' learning-rate panel."""
+        cfg = self.cfg
+        return f"cosine to {cfg.min_lr:g} over {cfg.epochs} epochs, set once per epoch"
 
     def augment(self) -> AugmentConfig:
         return self.params.data.finetune_augment
@@ -142,8 +146,9 @@ def training_batches(recipe: Recipe, trainer: Trainer) -> wds.WebLoader:
     return make_loader(pipeline, params.data.num_workers)
 
 
-def train_stage(recipe_class: type[Recipe], params: Params, cfg: TrainConfig, name: str | None = None) -> None:
-    """Train and evaluate `recipe_class`'s task with the `cfg` section; `name` defaults to its output's stem."""
+def train_stage(recipe_class: type[Recipe], params: Params, section: str, name: str | None = None) -> None:
+    """Train and evaluate `recipe_class`'s task with the params `section`; `name` defaults to its output's stem."""
+    cfg: TrainConfig = getattr(params, section)
     ctx = setup()
     try:
         torch.use_deterministic_algorithms(cfg.deterministic)
@@ -161,7 +166,10 @@ def train_stage(recipe_class: type[Recipe], params: Params, cfg: TrainConfig, na
         trainer = Trainer(cfg, model, ctx, recipe.lr_at, fingerprint=run_fingerprint(params, cfg))
         trainer.resume()
         batches = training_batches(recipe, trainer)
-        with stage_run(recipe.name, params, run_id=trainer.run_id) as run:
+        start = f"from {init}" if init is not None else "from scratch"
+        description = f"{recipe.title} {start}: {cfg.total_steps} steps of {cfg.batch_size} -> {cfg.output}"
+        sections = (section, "model", "tokenizer", "data")  # those its dvc.yaml stage lists under `params:`
+        with stage_run(recipe.name, params, sections, description, run_id=trainer.run_id) as run:
             trainer.fit(batches, recipe.loss, run, samples_per_step=cfg.batch_size)
             results = recipe.evaluate(trainer) if recipe.evaluate_on_all_ranks or ctx.is_main else Results()
             if ctx.is_main:
@@ -174,24 +182,23 @@ def publish(recipe: Recipe, trainer: Trainer, results: Results, run: StageRun) -
     """Rank 0: the weights, the curves, the config, then the results."""
     cfg, params, name = recipe.cfg, recipe.params, recipe.name
     weights = save_weights(trainer.model, cfg.output, params.tokenizer.name)
-    curves = [write_history_csv(trainer.history, PLOTS / f"{name}.csv"),
-              plot_history(trainer.history, PLOTS / f"{name}.png", recipe.title)]  # fmt: skip
-    run.log_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False), "config.yaml")
-    for artifact in (*curves, weights):
-        run.log_artifact(artifact)
+    run.log_artifact(write_history_csv(trainer.history, PLOTS / f"{name}.csv"), "training_curves.csv")
+    curves = plot_history(trainer.history, PLOTS / f"{name}.png", recipe.title, recipe.schedule())
+    run.log_artifact(curves, "training_curves.png")
+    run.log_artifact(weights, "weights.safetensors")
     print(f"{name}: {trainer.step} steps, weights {weights}")
     logged = set(trainer.history[-1]) if trainer.history else set()  # the training curves hold these already
-    publish_results(name, results, run, trainer.step, logged)
+    publish_results(name, results, run, logged)
 
 
-def publish_results(name: str, results: Results, run: StageRun, step: int | None, logged: set[str] = frozenset()
-                    ) -> Path:  # fmt: skip
-    """metrics/<name>.json, the numbers as MLflow metrics at `step` (but those `logged` already), the files as
-    artifacts; a one-line summary."""
+def publish_results(name: str, results: Results, run: StageRun, logged: set[str] = frozenset()) -> Path:
+    """metrics/<name>.json, the numbers as MLflow summary metrics (but those `logged` as training curves already),
+    the files as artifacts; a one-line summary."""
     numbers = {k: v for k, v in results.metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-    run.log_metrics({k: v for k, v in numbers.items() if k not in logged}, step=step)
+    run.log_metrics({k: v for k, v in numbers.items() if k not in logged})
     path = write_metrics(name, results.metrics)
-    for artifact in (path, *results.artifacts):
+    run.log_artifact(path, "metrics.json")
+    for artifact in results.artifacts:
         run.log_artifact(artifact)
     print(f"{name}: " + ", ".join(f"{k}={v:.4g}" for k, v in numbers.items()))
     return path
@@ -208,7 +215,7 @@ def stage_main(recipe_class: type[Recipe], command: str, section: str, doc: str)
         cfg = getattr(params, section)
         if isinstance(getattr(cfg, "init", None), Path):
             params = with_init_model(params, cfg.init)
-        train_stage(recipe_class, params, getattr(params, section))
+        train_stage(recipe_class, params, section)
         return 0
 
     return main

@@ -13,7 +13,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = stage_parser("ingest", __doc__ or "")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args, params = parse_stage_args(parser, argv)
-    with stage_run("ingest", params) as run:
+    sources = ", ".join(sorted({source.format for source in params.ingest.sources}))
+    description = f"ingest: {sources} sources -> webdataset shards in {params.ingest.out_dir}"
+    with stage_run("ingest", params, ("world", "ingest"), description) as run:
         manifest = ingest(params, show_progress=not args.no_progress)
         metrics = {
             "samples": {split: info["samples"] for split, info in manifest["splits"].items()},
@@ -22,7 +24,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         path = write_metrics("ingest", metrics)
         run.log_metrics({f"samples.{k}": v for k, v in metrics["samples"].items()} | {"skipped": metrics["skipped"]})
         run.log_artifact(params.ingest.out_dir / MANIFEST)
-        run.log_artifact(path)
+        run.log_artifact(path, "metrics.json")
     skipped = manifest["skipped"]
     print(
         f"ingest: {sum(metrics['samples'].values())} samples in {len(manifest['splits'])} splits, "

@@ -35,6 +35,10 @@ class Pretraining(Recipe):
     def title(self) -> str:  # type: ignore[override]
         return f"{self.name} (ITC + ITM + LM)"
 
+    def schedule(self) -> str:
+        cfg = self.cfg
+        return f"linear warm-up over {cfg.warmup_steps} steps, then x{cfg.lr_decay:g} per epoch (floor {cfg.min_lr:g})"
+
     def build_args(self) -> dict[str, Any]:
         return {"queue_size": self.cfg.queue_size, "momentum": self.cfg.momentum,
                 "label_smoothing": self.cfg.label_smoothing}  # fmt: skip
@@ -69,5 +73,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--section", choices=PRETRAIN_SECTIONS, default="pretrain",
                         help="params section to run: pretrain, or repretrain on the CapFilt shards")  # fmt: skip
     args, params = parse_stage_args(parser, argv)
-    train_stage(Pretraining, params, getattr(params, args.section), name=args.section)
+    train_stage(Pretraining, params, args.section, name=args.section)
     return 0

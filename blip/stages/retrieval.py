@@ -49,7 +49,7 @@ def evaluate(
     if all(split.scenes):  # the synthetic world: also count captions true of the image as hits (measuring only)
         about |= semantic_recall_at_1(*rankings["itm"], split.texts, split.scenes)
     plot = plot_recall({"ITC": recall["itc"], "ITC + ITM re-rank": recall["itm"]}, chance,
-                       Path("reports") / name / "recall_at_k.png", name)  # fmt: skip
+                       Path("reports") / name / "recall_at_k.png", f"{name} on {cfg.split}")  # fmt: skip
     return Results(dict(recall["itm"]) | {f"itc_{k}": v for k, v in recall["itc"].items()} | about, [plot])
 
 
@@ -82,9 +82,10 @@ def zeroshot_main(argv: Sequence[str] | None = None) -> int:
     try:
         model, tokenizer = load_trained("retrieval", cfg.weights, params.model, params.tokenizer.name)
         results = evaluate(model.to(ctx.device), params, cfg.eval, tokenizer, ctx, cfg.name)
-        with stage_run(cfg.name, params) as run:
+        sections = ("retrieval_zeroshot", "data", "tokenizer")  # those its dvc.yaml stage lists under `params:`
+        with stage_run(cfg.name, params, sections, f"zero-shot retrieval of {cfg.weights}") as run:
             if ctx.is_main:
-                publish_results(cfg.name, results, run, None)
+                publish_results(cfg.name, results, run)
     finally:
         teardown()
     return 0

@@ -13,12 +13,13 @@ from blip.tracking import stage_run
 def main(argv: Sequence[str] | None = None) -> int:
     _, params = parse_stage_args(stage_parser("vocab", __doc__ or ""), argv)
     cfg = params.vocab
-    with stage_run("vocab", params) as run:
+    description = f"WordPiece vocabulary of {cfg.size} tokens fitted to {', '.join(cfg.splits)}"
+    with stage_run("vocab", params, ("vocab",), description) as run:
         path = train_vocab([params.data.shard_root / s for s in cfg.splits], cfg.size, cfg.out, cfg.extra_texts)
         size = len(load_tokenizer(str(path)))
         metrics = {"vocab_size": size}
         run.log_metrics(metrics)
         run.log_artifact(path)
-        write_metrics("vocab", metrics)
+        run.log_artifact(write_metrics("vocab", metrics), "metrics.json")
     print(f"vocab: {size} tokens ([DEC] and [ENC] included) in {path}")
     return 0

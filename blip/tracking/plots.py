@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import csv
+import textwrap
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on training machines
 import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 
 
 def write_history_csv(history: list[dict[str, float]], path: Path) -> Path:
@@ -21,23 +23,31 @@ def write_history_csv(history: list[dict[str, float]], path: Path) -> Path:
     return path
 
 
-def plot_history(history: list[dict[str, float]], path: Path, title: str) -> Path:
-    """One panel of losses (every key but step/lr/throughput) and one of the learning rate."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def history_figure(history: list[dict[str, float]], title: str, schedule: str | None = None) -> Figure:
+    """One panel of losses (every key but step/lr/throughput) and one of the learning rate as logged (the rate of
+    each log window's last step). `schedule` names the schedule in the panel's title; without it the title says
+    only what the points are, since a per-epoch cosine over few epochs looks like step decay and vice versa."""
     steps = [row["step"] for row in history]
     losses = [k for k in history[0] if k not in ("step", "lr", "samples_per_s") and "accuracy" not in k]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    figure = Figure(figsize=(11, 4))
+    left, right = figure.subplots(1, 2)
     for name in losses:
         left.plot(steps, [row[name] for row in history], label=name)
     left.set(xlabel="step", ylabel="loss", title=title)
     left.legend()
     left.grid(alpha=0.3)
-    right.plot(steps, [row["lr"] for row in history], color="black")
-    right.set(xlabel="step", ylabel="learning rate", title="schedule")
+    right.plot(steps, [row["lr"] for row in history], color="black", marker=".")
+    what = f"learning rate: {schedule}" if schedule else "learning rate at each logged step"
+    right.set(xlabel="step", ylabel="learning rate")
+    right.set_title(textwrap.fill(what, 60), fontsize=10)
     right.grid(alpha=0.3)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    return figure
+
+
+def plot_history(history: list[dict[str, float]], path: Path, title: str, schedule: str | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    history_figure(history, title, schedule).savefig(path, dpi=110)
     return path
 
 

@@ -275,7 +275,8 @@ def test_ingest_logs_one_mlflow_run(small_params: Path) -> None:
     assert run.data.params["world.seed"] == "7" and run.data.params["ingest.samples_per_shard"] == "50"
     assert run.data.metrics["samples.web"] == 200 and run.data.metrics["skipped"] == 0
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"manifest.json", "ingest.json"} <= artifacts
+    assert {"manifest.json", "metrics.json", "config.yaml"} <= artifacts
+    assert {k.split(".")[0] for k in run.data.params} == {"world", "ingest"}
 
 
 @pytest.mark.parametrize(
