@@ -3,7 +3,8 @@
 For each registered model in `params.promotion.models` (blip-captioner, blip-retrieval, blip-vqa, blip-nlvr), every
 candidate output (models/<stem>.safetensors, evaluated in metrics/<stem>.json) that the registry does not hold yet
 (same DVC hash) becomes a new version: an MLflow pyfunc (blip.serving) logged into the run that trained it, tagged with
-that run id, the git commit, the DVC hashes of the weights and metrics, and the metric. The alias (`champion`)
+that run id, the git commit, the DVC hashes of the weights and metrics, and the metric, and described (the registered
+model: what it does, its inputs and outputs; the version: its stem, metric and run). The alias (`champion`)
 then moves to the best new version only if it beats the current champion on the declared metric. Nothing new
 (a rerun with nothing changed) registers nothing and moves nothing. The changes go to reports/promotion.md.
 """
@@ -12,9 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import yaml
 
@@ -73,18 +76,43 @@ def registration_run(client, stem: str) -> str:
     return run.info.run_id
 
 
+def register(client, name: str, spec: RegisteredModel, found: Candidate, max_length: int) -> int:
+    """Log `found` as a pyfunc against the run that trained it and add it as a version of `name`, described (the
+    registered model's description follows the code: what it does, its inputs and outputs); its version number."""
+    import mlflow
+
+    from blip.serving import describe, log_pyfunc
+    from blip.tracking.runs import git_commit
+
+    trained = training_run(client, found.stem)
+    run_id = trained or registration_run(client, found.stem)
+    # The model is logged against its training run without reopening it: reopening and closing a run would rewrite
+    # its end time (history must not change after the fact).
+    logged = mlflow.initialize_logged_model(name="model", source_run_id=run_id)
+    info = log_pyfunc(spec.task, found.weights, max_length, model_id=logged.model_id)
+    if client.search_registered_models(f"name = '{name}'"):
+        client.update_registered_model(name, description=describe(spec.task))
+    else:
+        client.create_registered_model(name, description=describe(spec.task))
+    lineage = f"trained in MLflow run {run_id}" if trained else f"no training run recorded (registered in run {run_id})"
+    description = (f"`{found.stem}` ({found.weights}): {spec.metric} {found.value:.4g} (metrics/{found.stem}.json), "
+                   f"{lineage}.")  # fmt: skip
+    tags = {**found.hashes, "blip.run_id": run_id, "git.commit": git_commit(), "blip.stem": found.stem,
+            "blip.metric": spec.metric, "blip.metric_value": str(found.value)}  # fmt: skip
+    # The client rather than mlflow.register_model: it takes the description, and prints nothing besides our report.
+    version = client.create_model_version(name, info.model_uri, run_id, tags, description=description,
+                                          model_id=logged.model_id)  # fmt: skip
+    return int(version.version)
+
+
 def better(spec: RegisteredModel, new: float, old: float) -> bool:
     return new > old if spec.higher_is_better else new < old
 
 
 def promote_model(name: str, spec: RegisteredModel, alias: str, locked: dict[str, str], max_length: int) -> list[str]:
     """Register the new candidates of one model and move its alias if one wins; report lines."""
-    import mlflow
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
-
-    from blip.serving import log_pyfunc
-    from blip.tracking.runs import git_commit
 
     client = MlflowClient()
     registered = {v.tags.get("dvc.md5.weights") for v in client.search_model_versions(f"name = '{name}'")}
@@ -96,16 +124,9 @@ def promote_model(name: str, spec: RegisteredModel, alias: str, locked: dict[str
         elif found.hashes["dvc.md5.weights"] in registered:
             lines.append(f"| {name} | {stem} | {found.value:.4g} | already registered |")
         else:
-            run_id = training_run(client, stem) or registration_run(client, stem)
-            # The model is logged against its training run without reopening it: reopening and closing a run
-            # would rewrite its end time (history must not change after the fact).
-            logged = mlflow.initialize_logged_model(name="model", source_run_id=run_id)
-            info = log_pyfunc(spec.task, found.weights, max_length, model_id=logged.model_id)
-            tags = {**found.hashes, "blip.run_id": run_id, "git.commit": git_commit(), "blip.stem": stem,
-                    "blip.metric": spec.metric, "blip.metric_value": str(found.value)}  # fmt: skip
-            version = mlflow.register_model(info.model_uri, name, tags=tags)
-            new.append((found.value, version.version))
-            lines.append(f"| {name} | {stem} | {found.value:.4g} | registered as version {version.version} |")
+            version = register(client, name, spec, found, max_length)
+            new.append((found.value, version))
+            lines.append(f"| {name} | {stem} | {found.value:.4g} | registered as version {version} |")
     if not new:
         return lines
     value, version = max(new) if spec.higher_is_better else min(new)
@@ -129,8 +150,11 @@ def promote(params: Params) -> str:
     use_experiment()
     locked = dvc_hashes()
     lines = ["| model | candidate | metric | outcome |", "|---|---|---|---|"]
-    for name, spec in params.promotion.models.items():
-        lines += promote_model(name, spec, params.promotion.alias, locked, params.tokenizer.max_length)
+    # No progress bar per copied weights file (unless asked for): noise in a batch job's log and the flow run's.
+    bar = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    with mock.patch.dict(os.environ, {bar: os.environ.get(bar, "false")}):
+        for name, spec in params.promotion.models.items():
+            lines += promote_model(name, spec, params.promotion.alias, locked, params.tokenizer.max_length)
     return "\n".join(lines) + "\n"
 
 

@@ -89,27 +89,82 @@ def test_a_metric_the_stage_does_not_write_is_a_config_error(workdir: Path) -> N
         promote(params)
 
 
-def test_registered_captioner_captions_images_by_alias(workdir: Path) -> None:
+def test_registered_captioner_captions_by_alias_and_refuses_a_bad_row_with_its_problem_alone(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fastapi.testclient import TestClient
+    from mlflow.pyfunc import scoring_server
+
     write_candidate("caption", seed=0, cider=1.0)
     promote(load_params(REPO / "params.yaml"))
     model = mlflow.pyfunc.load_model("models:/blip-captioner@champion")
     out = model.predict(pd.DataFrame({"image": [image_b64((200, 30, 30)), image_b64((30, 30, 200))]}))
-    assert list(out.columns) == ["caption"] and len(out) == 2
+    assert list(out.columns) == ["caption"] == model.metadata.get_output_schema().input_names() and len(out) == 2
     assert all(isinstance(c, str) and c for c in out["caption"])  # untrained weights: some words, 5+ tokens
     with pytest.raises(ValueError, match="row 0: `image` is not a base64-encoded image"):
         model.predict(pd.DataFrame({"image": ["bm90IGFuIGltYWdl"]}))
     with pytest.raises(MlflowException, match="missing inputs \\['image'\\]"):  # the logged signature
         model.predict(pd.DataFrame({"text": ["a red circle"]}))
 
+    # Served (`mlflow models serve`'s app): a bad row is a 400 whose message is the row and its problem, no trace.
+    monkeypatch.setenv("_MLFLOW_IS_IN_SERVING_ENVIRONMENT", "false")  # init() sets it process-wide: restored after
+    server = TestClient(scoring_server.init(model))
 
-def test_registered_filter_scores_pairs(workdir: Path) -> None:
+    def answer(body: dict) -> tuple[int, dict]:
+        response = server.post("/invocations", json=body)
+        assert "Traceback" not in response.text and "stack_trace" not in response.json(), response.text
+        return response.status_code, response.json()
+
+    def images(*values: object) -> dict:
+        return {"dataframe_split": {"columns": ["image"], "data": [[value] for value in values]}}
+
+    red = image_b64((200, 30, 30))
+    wrapped = "\n".join(red[i : i + 76] for i in range(0, len(red), 76))  # as `base64` writes it by default
+    status, body = answer(images(red, wrapped))
+    assert status == 200 and len(body["predictions"]) == 2
+    problem = "`image` is not a base64-encoded image"
+    status, body = answer(images(red, "bm90IGFuIGltYWdl"))
+    assert (status, body["message"]) == (400, f"row 1: {problem} (base64, but not an image format PIL reads)")
+    status, body = answer(images("not base64!"))
+    assert status == 400 and body["message"].startswith(f"row 0: {problem} (not base64: "), body
+    assert answer(images(7))[1]["message"] == f"row 0: {problem} (it is int)"
+    # A missing column is refused by the signature before the model runs: MLflow's words, naming the column.
+    status, body = answer({"dataframe_split": {"columns": ["text"], "data": [["a red circle"]]}})
+    assert status == 400 and "Model is missing inputs ['image']" in body["message"], body
+    # No table at all is refused by the scoring server before the model is consulted (its message, not ours).
+    status, body = answer({})
+    assert status == 400 and body["error_code"] == "BAD_REQUEST"
+
+
+def test_registered_filter_scores_pairs_and_is_described_with_an_example_by_a_quiet_promote(
+    workdir: Path, capsys: pytest.CaptureFixture[str], recwarn: pytest.WarningsRecorder
+) -> None:
     write_candidate("retrieval", seed=0, cider=10.0, task="retrieval")
-    promote(load_params(REPO / "params.yaml"))
+    assert main(["--params", str(REPO / "params.yaml")]) == 0  # `blip promote`
+    stderr = capsys.readouterr().err  # MLflow's log, its progress bars and its prints all go to sys.stderr
+    assert not [line for line in stderr.splitlines() if "warn" in line.lower() or "Downloading" in line], stderr
+    # Python shows no deprecation warning raised in library code (here pandas' about MLflow's own code) by default.
+    shown = [str(w.message) for w in recwarn if not issubclass(w.category, DeprecationWarning)]
+    assert not shown, shown
+
     model = mlflow.pyfunc.load_model("models:/blip-retrieval@champion")
     out = model.predict(pd.DataFrame({"image": [image_b64((200, 30, 30))] * 2, "text": ["a red circle", "a cat"]}))
     assert list(out.columns) == ["itm_probability", "itc_similarity"]
     assert ((out["itm_probability"] > 0) & (out["itm_probability"] < 1)).all()
     assert (out["itc_similarity"].abs() <= 1 + 1e-5).all()
+
+    outputs = model.metadata.get_output_schema().to_dict()
+    assert [(c["name"], c["type"]) for c in outputs] == [("itm_probability", "double"), ("itc_similarity", "double")]
+    example = model.input_example
+    assert list(example.columns) == ["image", "text"] and len(example) == 1
+    assert Image.open(io.BytesIO(base64.b64decode(example["image"][0]))).format == "PNG"  # a real image
+    assert list(model.predict(example).columns) == ["itm_probability", "itc_similarity"]
+    client = MlflowClient()
+    description = client.get_registered_model("blip-retrieval").description
+    assert all(f"`{column}`" in description for column in ("image", "text", "itm_probability", "itc_similarity"))
+    assert "retrieval" in description.splitlines()[0].lower()  # what it does, first
+    version = client.get_model_version_by_alias("blip-retrieval", "champion")
+    assert all(part in version.description for part in ("`retrieval`", "r_mean 10", version.run_id)), version
 
 
 def test_registered_nlvr_model_judges_a_statement_about_two_images(workdir: Path) -> None:
@@ -119,7 +174,8 @@ def test_registered_nlvr_model_judges_a_statement_about_two_images(workdir: Path
     red, blue = image_b64((200, 30, 30)), image_b64((30, 30, 200))
     rows = pd.DataFrame({"image": [red, blue], "image2": [blue, red], "text": ["a red circle", "two squares"]})
     out = model.predict(rows)
-    assert list(out.columns) == ["probability_true", "label"] and len(out) == 2
+    assert list(out.columns) == ["probability_true", "label"] == model.metadata.get_output_schema().input_names()
+    assert len(out) == 2 and out["label"].dtype == bool
     assert (out["label"] == (out["probability_true"] > 0.5)).all()
     # The same weights run directly: the pyfunc feeds `image` as the left image and `image2` as the right one.
     nlvr, tokenizer = load_trained("nlvr", Path("models/nlvr.safetensors"), None, None)
