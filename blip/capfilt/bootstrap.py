@@ -18,8 +18,8 @@ import webdataset as wds
 from PIL import Image
 from transformers import PreTrainedTokenizer
 
-from blip.capfilt.units import Unit, UnitStats, unit_shard
-from blip.config import Params
+from blip.capfilt.units import Unit, UnitStats, plan_units, unit_shard
+from blip.config import ConfigError, Params
 from blip.data.language import is_true
 from blip.data.loader import split_by_worker
 from blip.data.scene import Scene
@@ -71,6 +71,8 @@ class Bootstrapper:
         self.threshold = cfg.threshold
         if cfg.threshold_rule == "calibrated":
             self.threshold = self.calibrated_threshold(params.data.shard_root / cfg.calibration_split)
+        elif cfg.threshold_rule == "top_fraction":  # every rank scores the whole pool: the same threshold on each
+            self.threshold = self.top_fraction_threshold([unit for unit in plan_units(params) if not unit.human])
 
     @torch.no_grad()
     def score(self, images: torch.Tensor, texts: list[str]) -> dict[str, torch.Tensor]:
@@ -148,6 +150,22 @@ class Bootstrapper:
             texts = split.texts[start : start + cfg.batch_size]
             values.append(self.score(split.images[rows].to(self.device), texts)[cfg.score])
         return torch.quantile(torch.cat(values).double(), 1 - cfg.calibration_keep).item()
+
+    @torch.no_grad()
+    def top_fraction_threshold(self, units: list[Unit]) -> float:
+        """The score that `keep_fraction` of the web pairs reach: DataComp's rule keeps a share of the pool, whatever
+        the scores' level (a first pass over the units, web captions only)."""
+        cfg, size = self.cfg, self.models.image_sizes[1]
+        values = []
+        for unit in units:
+            for batch in _batches(unit_samples(unit.url, (size,), cfg.num_workers), cfg.batch_size):
+                pairs = [(s["images"][size], c) for s in batch if "corrupt" not in s for c in s["record"]["captions"]]
+                if pairs:
+                    images = torch.stack([image for image, _ in pairs]).to(self.device)
+                    values.append(self.score(images, [text for _, text in pairs])[cfg.score])
+        if not values:
+            raise ConfigError(f"capfilt: no web pairs in {', '.join(cfg.source_splits)} to take the top fraction of")
+        return torch.quantile(torch.cat(values).double(), 1 - cfg.keep_fraction).item()
 
 
 def _decoded(src: Iterator[dict], image_sizes: tuple[int, ...]) -> Iterator[dict]:

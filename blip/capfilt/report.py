@@ -36,6 +36,10 @@ def capfilt_metrics(stats: list[UnitStats], threshold: float, cfg: CapfiltConfig
                                        for v in s.scores["synthetic"][cfg.score]])  # fmt: skip
         metrics["synthetic_true"] = truth.double().mean().item()
         metrics["synthetic_kept_true"] = truth[kept_synthetic].double().mean().item() if kept_synthetic.any() else 0.0
+        if 0 < truth.sum() < truth.numel():  # can the filter tell a right synthetic caption from a wrong one?
+            for name in ("itm", "itc"):
+                synthetic = torch.tensor([v for s in stats for v in s.scores["synthetic"][name]])
+                metrics[f"filter_auc_synthetic_{name}"] = roc_auc(synthetic, truth)
     noisy = torch.tensor([n for s in stats for n in s.noisy], dtype=torch.bool)
     if noisy.numel() and noisy.any():  # the synthetic world recorded which web captions are noise
         for name in ("itm", "itc"):
@@ -57,6 +61,8 @@ def rule_text(threshold: float, cfg: CapfiltConfig) -> str:
         return "no filter (ablation): every pair kept"
     if cfg.threshold_rule == "fixed":
         how = "fixed threshold"
+    elif cfg.threshold_rule == "top_fraction":
+        how = f"the best {cfg.keep_fraction:.0%} of the web pairs"
     else:
         how = f"calibrated to keep {cfg.calibration_keep:.0%} of the held-out human pairs of {cfg.calibration_split}"
     return f"kept if {cfg.score.upper()} >= {threshold:.3f} ({how})"

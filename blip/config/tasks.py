@@ -113,10 +113,14 @@ class CapfiltConfig(Section):
     min_length: int = Field(10, ge=1, description="BLIP: 10")
     repetition_penalty: float = Field(1.0, ge=1.0)
     score: Literal["itm", "itc"] = Field("itm", description="itm: match probability (paper); itc: cosine similarity")
-    threshold_rule: Literal["fixed", "calibrated"] = Field("fixed", description="calibrated: from held-out pairs")
+    threshold_rule: Literal["fixed", "calibrated", "top_fraction"] = Field(
+        "fixed", description="calibrated: from held-out pairs; top_fraction: a share of the web pairs (DataComp)"
+    )
     threshold: float = Field(0.5, description="fixed rule: keep pairs scoring at or above this (paper: ITM 0.5)")
     calibration_split: SplitName = Field("clean_val", description="held-out human pairs for the calibrated rule")
     calibration_keep: float = Field(0.9, gt=0, lt=1, description="calibrated: keep this share of held-out pairs")
+    keep_fraction: float = Field(0.3, gt=0, le=1, description="top_fraction: keep this share of the web pairs, "
+                                 "best scores first (DataComp's CLIP-score filter: 0.3)")  # fmt: skip
     batch_size: int = Field(64, ge=1)
     num_workers: int = Field(1, ge=0, description="data-loader workers decoding a unit's images")
     gallery_images: int = Field(12, ge=0)

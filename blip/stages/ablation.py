@@ -2,10 +2,11 @@
 
 Each (seed, arm) is a DVC experiment of the DAG (the README's `dvc exp run --queue -S ...`): the arm is
 `capfilt.use_captioner` / `capfilt.use_filter` (filter only, captioner only, both), the seed that of every training
-section. An experiment's @capfilt fine-tunes give its arm's figures, its @pretrain fine-tunes the "none" arm (no
-CapFilt: the same for every arm of a seed). This command reads what `dvc exp show --json` recorded and writes the
-table (mean and std over seeds) to `--out/table.{md,json}` and to MLflow: a parent run, a child run per seed and arm
-tagged `blip.seed`, `blip.arm` and `dvc.experiment`.
+section; the arm `itc_top30` is DataComp's filter (`capfilt.threshold_rule=top_fraction`, ITC, 30%, no captioner).
+An experiment's @capfilt fine-tunes give its arm's figures, its @pretrain fine-tunes the "none" arm (no CapFilt: the
+same for every arm of a seed). This command reads what `dvc exp show --json` recorded and writes the table (mean and
+std over seeds) to `--out/table.{md,json}` and to MLflow: a parent run, a child run per seed and arm tagged
+`blip.seed`, `blip.arm` and `dvc.experiment`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,17 @@ from statistics import mean, stdev
 from blip.config import ConfigError
 
 ARMS = {(False, True): "filter", (True, False): "captioner", (True, True): "both"}  # (use_captioner, use_filter)
+TOP_ITC = "itc_top30"  # DataComp's rule beside CapFilt: the 30% of web pairs with the highest ITC, no captioner
+
+
+def arm_of(capfilt: dict) -> str | None:
+    """The arm an experiment's `capfilt` params make (None: not an ablation arm)."""
+    if capfilt.get("threshold_rule") == "top_fraction":
+        is_datacomp = (capfilt["score"], capfilt["keep_fraction"], capfilt["use_captioner"]) == ("itc", 0.3, False)
+        return TOP_ITC if is_datacomp and capfilt["use_filter"] else None
+    return ARMS.get((capfilt["use_captioner"], capfilt["use_filter"]))
+
+
 RETRIEVAL = ("txt_r1", "img_r1", "semantic_txt_r1", "semantic_img_r1")
 FILTER = ("filter_auc_itm", "filter_auc_itc", "web_removed", "synthetic_kept", "synthetic_kept_true")
 
@@ -50,8 +62,7 @@ def results_by_seed(shown: list[dict]) -> tuple[dict[int, dict[str, dict]], dict
     results: dict[int, dict[str, dict]] = {}
     names: dict[tuple[int, str], str] = {}
     for name, params, metrics in experiments(shown):
-        capfilt, seed = params["capfilt"], params["pretrain"]["seed"]
-        arm = ARMS.get((capfilt["use_captioner"], capfilt["use_filter"]))
+        arm, seed = arm_of(params["capfilt"]), params["pretrain"]["seed"]
         if arm is None or "metrics/retrieval_capfilt.json" not in metrics:
             continue  # not an ablation arm (no CapFilt part), or not run through the fine-tunes
         if (seed, arm) in names:
@@ -70,7 +81,7 @@ def table(results: dict[int, dict[str, dict]]) -> tuple[str, dict]:
     columns = ("r1_mean", "txt_r1", "img_r1", "semantic_r1_mean", "CIDEr", "filter_auc_itm", "filter_auc_itc")
     summary_: dict = {}
     lines = ["| arm | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for arm in ("none", *ARMS.values()):
+    for arm in ("none", *ARMS.values(), TOP_ITC):
         cells = []
         for column in columns:
             values = [per_arm[arm][column] for per_arm in results.values() if column in per_arm.get(arm, {})]

@@ -1,5 +1,5 @@
 """The README's CapFilt ablation block, run as written on a fresh copy of the project at a tiny budget (one seed,
-the three arms as DVC experiments through the queue), then what DVC and `blip capfilt-ablation` report."""
+the four arms as DVC experiments through the queue), then what DVC and `blip capfilt-ablation` report."""
 
 from __future__ import annotations
 
@@ -40,14 +40,15 @@ def test_ablation_runs_on_dvc_experiments_as_written(clone: tuple[Path, dict[str
                           timeout=1800)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     status = subprocess.run(["dvc", "queue", "status"], cwd=copy, env=env, capture_output=True, text=True).stdout
-    assert status.count("Success") == 3 and "Failed" not in status, status
+    assert status.count("Success") == 4 and "Failed" not in status, status
 
-    # DVC's own record: three experiments, one per arm, each with its arm's params and metrics.
+    # DVC's own record: four experiments, one per arm, each with its arm's params and metrics.
     shown = json.loads((copy / "experiments.json").read_text())
     revs = [rev for baseline in shown for exp in baseline.get("experiments") or [] for rev in exp["revs"]]
-    arms = {(r["data"]["params"]["params.yaml"]["data"]["capfilt"]["use_captioner"],
-             r["data"]["params"]["params.yaml"]["data"]["capfilt"]["use_filter"]) for r in revs}  # fmt: skip
-    assert arms == {(False, True), (True, False), (True, True)}
+    capfilt = [r["data"]["params"]["params.yaml"]["data"]["capfilt"] for r in revs]
+    arms = sorted((c["use_captioner"], c["use_filter"], c["threshold_rule"]) for c in capfilt)
+    assert arms == [(False, True, "calibrated"), (False, True, "top_fraction"), (True, False, "calibrated"),
+                    (True, True, "calibrated")]  # fmt: skip
     assert all("data" in r["data"]["metrics"]["metrics/retrieval_capfilt.json"] for r in revs)
     for rev in revs:  # the budget reached the re-pretraining as well as the pretraining
         metrics = rev["data"]["metrics"]
@@ -57,14 +58,14 @@ def test_ablation_runs_on_dvc_experiments_as_written(clone: tuple[Path, dict[str
     assert "capfilt.use_captioner" in done.stdout and "txt_r1" in done.stdout  # the `dvc exp show` table
 
     table = json.loads((copy / "reports/ablation/table.json").read_text())
-    assert table["seeds"] == [0] and set(table["arms"]) == {"none", "filter", "captioner", "both"}
+    assert table["seeds"] == [0] and set(table["arms"]) == {"none", "filter", "captioner", "both", "itc_top30"}
     assert 0 <= table["arms"]["both"]["r1_mean"]["mean"] <= 100
     assert "filter_auc_itc" in table["arms"]["filter"] and "filter_auc_itc" not in table["arms"]["none"]
-    assert (copy / "reports/ablation/table.md").read_text().count("\n") == 6
+    assert (copy / "reports/ablation/table.md").read_text().count("\n") == 7
 
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     (experiment,) = client.search_experiments(filter_string="name = 'blip-pipeline'")
     runs = client.search_runs([experiment.experiment_id], "tags.`blip.stage` = 'capfilt-ablation'")
     children = [r for r in runs if "blip.arm" in r.data.tags]
-    assert sorted(r.data.tags["blip.arm"] for r in children) == ["both", "captioner", "filter", "none"]
+    assert sorted(r.data.tags["blip.arm"] for r in children) == ["both", "captioner", "filter", "itc_top30", "none"]
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {r.info.run_id for r in runs if r not in children}

@@ -137,6 +137,17 @@ def test_capfilt_keeps_by_threshold_and_marks_origins(project: Path, weights: di
         assert Path(f"reports/capfilt/{name}").stat().st_size > 10_000
 
 
+def test_capfilt_top_fraction_keeps_that_share_of_the_web_pairs(project: Path, weights: dict, here: Path) -> None:
+    from blip.stages.capfilt import main
+
+    datacomp = {"threshold_rule": "top_fraction", "keep_fraction": 0.25, "score": "itc", "use_captioner": False}
+    assert main(capfilt_args(project, weights, here, **datacomp)) == 0
+    metrics = json.loads(Path("metrics/capfilt.json").read_text())
+    assert metrics["web_total"] == 200 and metrics["web_kept"] == 50 and metrics["synthetic_total"] == 0
+    kept = [r["capfilt"]["itc"] for r in read_records(here / "capfilt/bootstrapped") if r["origin"] == "web"]
+    assert len(kept) == 50 and min(kept) >= metrics["threshold"]
+
+
 def test_capfilt_killed_then_resumed_loses_and_duplicates_nothing(project: Path, weights: dict, here: Path) -> None:
     command = [sys.executable, "-m", "blip", "capfilt"]
     straight, killed = here / "straight", here / "killed"

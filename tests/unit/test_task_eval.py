@@ -160,19 +160,22 @@ def test_ablation_table_reports_mean_and_std_over_seeds() -> None:
     assert summary["both"]["filter_auc_itc"]["mean"] == pytest.approx(0.85)
     assert "filter_auc_itc" not in summary["none"]  # no filter in that arm: shown as "-", not as a number
     assert markdown.splitlines()[2].startswith("| none | 3 ± 1.4 |") and "| - |" in markdown.splitlines()[2]
-    assert markdown.count("\n") == 2 + 4  # header, rule, one row per arm (filter / captioner rows empty)
+    assert markdown.count("\n") == 2 + 5  # header, rule, one row per arm (filter, captioner, itc_top30 empty)
 
 
-def _experiment(name: str, seed: int, arm: tuple[bool, bool], r1: float, base_r1: float) -> dict:
+def _experiment(name: str, seed: int, arm: tuple[bool, bool], r1: float, base_r1: float, **capfilt: object) -> dict:
     retrieval = lambda value: {"data": {"txt_r1": value + 1, "img_r1": value - 1}}  # noqa: E731
     metrics = {"metrics/retrieval.json": retrieval(base_r1), "metrics/retrieval_capfilt.json": retrieval(r1),
                "metrics/caption.json": {"data": {"CIDEr": 1.0}},
                "metrics/caption_capfilt.json": {"data": {"CIDEr": 2.0}},
                "metrics/capfilt.json": {"data": {"filter_auc_itc": 0.8, "threshold": 0.3}},
                "metrics/vqa.json": {"error": {"type": "FileNotFoundError"}}}  # fmt: skip
-    params = {"capfilt": {"use_captioner": arm[0], "use_filter": arm[1]}, "pretrain": {"seed": seed}}
+    params = {"capfilt": {"use_captioner": arm[0], "use_filter": arm[1], **capfilt}, "pretrain": {"seed": seed}}
     return {"revs": [{"rev": f"{name}-rev", "name": name, "data": {"params": {"params.yaml": {"data": params}},
                                                                    "metrics": metrics}}]}  # fmt: skip
+
+
+DATACOMP = {"threshold_rule": "top_fraction", "score": "itc", "keep_fraction": 0.3}
 
 
 def test_ablation_reads_arms_and_seeds_from_dvc_experiments() -> None:
@@ -180,9 +183,13 @@ def test_ablation_reads_arms_and_seeds_from_dvc_experiments() -> None:
              {"rev": "abc", "experiments": [_experiment("e1", 0, (True, True), 8.0, 5.0),
                                             _experiment("e2", 0, (False, True), 7.0, 5.0),
                                             _experiment("e3", 1, (True, True), 10.0, 6.0),
-                                            _experiment("off", 1, (False, False), 1.0, 6.0)]}]  # fmt: skip
+                                            _experiment("off", 1, (False, False), 1.0, 6.0),
+                                            _experiment("dc", 1, (False, True), 9.0, 6.0, **DATACOMP),
+                                            _experiment("top50", 1, (False, True), 9.0, 6.0,
+                                                        **{**DATACOMP, "keep_fraction": 0.5})]}]  # fmt: skip
     results, names = results_by_seed(shown)
-    assert names == {(0, "both"): "e1", (0, "filter"): "e2", (1, "both"): "e3"}  # no CapFilt part: not an arm
+    # No CapFilt part, or a top fraction other than DataComp's: not an arm.
+    assert names == {(0, "both"): "e1", (0, "filter"): "e2", (1, "both"): "e3", (1, "itc_top30"): "dc"}
     assert results[0]["both"] == {"txt_r1": 9.0, "img_r1": 7.0, "CIDEr": 2.0, "r1_mean": 8.0, "filter_auc_itc": 0.8}
     assert results[1]["none"] == {"txt_r1": 7.0, "img_r1": 5.0, "CIDEr": 1.0, "r1_mean": 6.0}  # its @pretrain runs
     _, summary = ablation_table(results)
