@@ -33,17 +33,27 @@ test: $(STAMP)
 	pytest -q
 
 # The local UIs, on 127.0.0.1 only. MLflow reads the project's SQLite store (what `make pipeline` writes).
+# MLflow 3.17's UI picks its GenAI or model-training view from the URL (then remembers it), not from the experiment.
 mlflow-ui: $(STAMP)
+	@echo "runs table: http://127.0.0.1:5000/#/experiments/1?workflowType=machine_learning"
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
+# PREFECT_PORT=... serves on another port. Prefect keeps its SQLite database in PREFECT_HOME but creates no missing
+# parent folder, and a fresh clone has no .cache.
+PREFECT_PORT ?= 4200
 prefect-server: $(STAMP)
-	prefect server start --host 127.0.0.1 --port 4200
+	mkdir -p $(PREFECT_HOME)
+	prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
 
-# With `make prefect-server` running: the `cpu` pool, the deployments of prefect.yaml, and a worker for this checkout.
-deploy: export PREFECT_API_URL ?= http://127.0.0.1:4200/api
+# With `make prefect-server` running: the pools `cpu` (process) and `gpu` (Kubernetes, infra/k8s), every deployment
+# of prefect.yaml (`nightly`'s schedule shows; its runs wait for a GPU worker) and a `cpu` worker for this checkout.
+deploy: export PREFECT_API_URL ?= http://127.0.0.1:$(PREFECT_PORT)/api
 deploy: $(STAMP)
+	mkdir -p $(PREFECT_HOME)
 	prefect work-pool inspect cpu >/dev/null 2>&1 || prefect work-pool create cpu --type process
-	BLIP_PROJECT_DIR=$(CURDIR) prefect --no-prompt deploy -n pipeline-cpu -n evaluate
+	prefect work-pool inspect gpu >/dev/null 2>&1 || \
+		prefect work-pool create gpu --type kubernetes --base-job-template infra/k8s/gpu-job-template.json
+	prefect --no-prompt deploy --all
 	BLIP_PROJECT_DIR=$(CURDIR) prefect worker start --pool cpu --type process
 
 # The CPU benchmarks (a few minutes here); benchmarks/gpu.sh runs them at base size on a GPU.

@@ -3,6 +3,7 @@ is started in its own session and its whole group is stopped on exit."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -51,36 +52,50 @@ def process(args: list[str], log: Path, cwd: Path, env: dict[str, str], ready_ur
                 continue
 
 
+def wait_for_worker(api_url: str, pool: str, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+    """Until a worker of `pool` is online; `proc` (which starts it) must not exit first."""
+    deadline = time.monotonic() + timeout
+    request = urllib.request.Request(f"{api_url}/work_pools/{pool}/workers/filter", b"{}",
+                                     {"Content-Type": "application/json"})  # fmt: skip
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                if any(worker["status"] == "ONLINE" for worker in json.loads(response.read())):
+                    return
+        except OSError:
+            pass  # the pool does not exist yet
+        time.sleep(1)
+    raise RuntimeError(f"no {pool} worker online in {timeout} s:\n{log.read_text()[-3000:]}")
+
+
 @contextmanager
 def orchestration(project: Path, env: dict[str, str], logs: Path) -> Iterator[dict[str, str]]:
-    """An MLflow tracking server, a Prefect server and a `cpu` process worker for `project`; yields the
-    environment that points clients at them."""
-    bindir = str(Path(sys.executable).parent)
+    """An MLflow tracking server, then the project's own `make prefect-server` and `make deploy` (the work pools,
+    every deployment of prefect.yaml and a `cpu` worker), as flows/README.md has them; yields the environment that
+    points clients at them. Prefect keeps its state where the Makefile puts it, in the project's .cache."""
+    venv = Path(sys.executable).parent.parent
     mlflow_port, prefect_port = free_port(), free_port()
     env = {
         **env,
         "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}",
         "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api",
-        "PREFECT_HOME": str(logs / "prefect-home"),
-        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{logs / 'prefect.db'}",
+        "PREFECT_HOME": str(logs / "prefect-home"),  # this test's own CLI calls; `make` sets the project's
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_ENABLED": "false",
-        "BLIP_PROJECT_DIR": str(project),
         "PYTHONUNBUFFERED": "1",
     }
+    # This test's environment is the project's: `-o` takes its install stamp as up to date, so make installs nothing.
+    make = ["make", "-o", str(venv / ".installed"), f"VENV={venv}", f"PREFECT_PORT={prefect_port}"]
     with ExitStack() as stack:
         stack.enter_context(process(
-            [f"{bindir}/mlflow", "server", "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1",
+            [f"{venv}/bin/mlflow", "server", "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1",
              "--backend-store-uri", f"sqlite:///{logs / 'mlflow.db'}", "--artifacts-destination",
              str(logs / "mlartifacts")],
             logs / "mlflow.log", logs, env, f"http://127.0.0.1:{mlflow_port}/health",
         ))  # fmt: skip
-        stack.enter_context(process(
-            [f"{bindir}/prefect", "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
-            logs / "prefect-server.log", logs, env, f"http://127.0.0.1:{prefect_port}/api/health",
-        ))  # fmt: skip
-        subprocess.run([f"{bindir}/prefect", "work-pool", "create", "cpu", "--type", "process"], cwd=project, env=env,
-                       check=True, capture_output=True)  # fmt: skip
-        stack.enter_context(process([f"{bindir}/prefect", "worker", "start", "--pool", "cpu", "--type", "process"],
-                                    logs / "worker.log", project, env))  # fmt: skip
+        stack.enter_context(process([*make, "prefect-server"], logs / "prefect-server.log", project, env,
+                                    f"http://127.0.0.1:{prefect_port}/api/health"))  # fmt: skip
+        deploy = stack.enter_context(process([*make, "deploy"], logs / "deploy.log", project, env))
+        wait_for_worker(env["PREFECT_API_URL"], "cpu", deploy, logs / "deploy.log")
         yield env

@@ -1,9 +1,12 @@
-"""The whole pipeline as a team runs it: Prefect server + process worker + MLflow server on 127.0.0.1, deployed from
-prefect.yaml, stages through DVC with a (local-folder) DVC remote, then the registry gate and a served model.
+"""The whole pipeline as a team runs it: an MLflow server, then flows/README.md's `make prefect-server`, `make deploy`
+and `prefect deployment run` commands in a fresh copy of the repository, stages through DVC with a (local-folder) DVC
+remote, then the registry gate and a served model.
 
-One run of the committed params.yaml in a fresh copy of the repository (about 13 minutes here): it checks the
-flow, the retry of a killed stage, every stage's MLflow run and metrics (each task beating its trivial baseline),
-the registry, `mlflow models serve`, a second trigger that DVC skips entirely, and the DVC remote round trip.
+One run of the committed params.yaml (about 13 minutes here): it checks the deployments (nightly's schedule, no path
+of the deploying shell baked in), the flow as Prefect's UI shows it (run names, "Skipped" states, the summary
+artifact), the retry of a killed stage and no retry of a mistyped one, every stage's MLflow run nested under one
+pipeline run and its metrics (each task beating its trivial baseline), the registry, `mlflow models serve`, a second
+trigger that DVC skips entirely (and that opens no MLflow run), and the DVC remote round trip.
 """
 
 from __future__ import annotations
@@ -11,8 +14,11 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
+import shlex
 import shutil
 import signal
+import subprocess
 import tarfile
 import threading
 import time
@@ -24,23 +30,51 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from blip.data import language
+from tests.conftest import REPO
 from tests.integration.conftest import run
 from tests.integration.servers import free_port, orchestration, process
 
 pytestmark = pytest.mark.slow
 TASKS = ("retrieval-zeroshot", "retrieval-finetune", "caption-finetune", "vqa-finetune", "nlvr-finetune")
-STAGES = ("ingest", "vocab", "pretrain", "capfilt", "repretrain",
-          *(f"{task}@{model}" for task in TASKS for model in ("pretrain", "capfilt")))  # fmt: skip
+TRACKED = ("ingest", "vocab", "pretrain", "capfilt", "repretrain",
+           *(f"{task}@{model}" for task in TASKS for model in ("pretrain", "capfilt")))  # fmt: skip
+STAGES = (*TRACKED, "summary")  # `blip summary` only gathers metrics files: no MLflow run
 TASK_METRICS = tuple(f"{name}{suffix}" for name in ("retrieval_zeroshot", "retrieval", "caption", "vqa", "nlvr")
                      for suffix in ("", "_capfilt"))  # fmt: skip
 REGISTERED = ("blip-captioner", "blip-retrieval", "blip-vqa", "blip-nlvr")
+DEPLOYMENTS = {"nightly", "pipeline-cpu", "finetune", "evaluate"}
 
 
-def api(env: dict[str, str], path: str, body: dict) -> list[dict]:
-    request = urllib.request.Request(f"{env['PREFECT_API_URL']}/{path}", json.dumps(body).encode(),
-                                     {"Content-Type": "application/json"})  # fmt: skip
+def api(env: dict[str, str], path: str, body: dict | None = None) -> list[dict] | dict:
+    """Prefect's REST API, what its UI shows: a POST with `body`, else a GET."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(f"{env['PREFECT_API_URL']}/{path}", data, {"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read())
+
+
+def documented(command: str) -> list[str]:
+    """A command of flows/README.md's walkthrough, exactly as written there."""
+    assert command in (REPO / "flows/README.md").read_text(), command
+    return shlex.split(command)
+
+
+def deployment_run(repo: Path, env: dict[str, str], args: list[str], ok: bool = True) -> dict:
+    """Run `prefect deployment run ... --watch`; the flow run it created, once it has ended."""
+    done = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=2400)
+    assert (done.returncode == 0) == ok, f"{args}:\n{done.stdout}\n{done.stderr}"
+    (flow_run_id,) = re.findall(r"UUID: ([0-9a-f-]{36})", done.stdout)
+    return api(env, f"flow_runs/{flow_run_id}")
+
+
+def subflows(env: dict[str, str], flow_run: dict) -> dict[str, dict]:
+    runs = api(env, "flow_runs/filter", {"flow_runs": {"parent_flow_run_id": {"any_": [flow_run["id"]]}}})
+    return {f["name"]: f for f in runs}
+
+
+def artifacts_of(env: dict[str, str], flow_run: dict) -> dict[str, str]:
+    found = api(env, "artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run["id"]]}}})
+    return {a["key"]: a["data"] for a in found}
 
 
 def kill_pretrain_once(after_s: float, killed: list[int]) -> threading.Thread:
@@ -64,16 +98,25 @@ def kill_pretrain_once(after_s: float, killed: list[int]) -> threading.Thread:
 
 
 def trigger(repo: Path, env: dict[str, str]) -> dict:
-    run(["prefect", "--no-prompt", "deployment", "run", "blip-pipeline/pipeline-cpu", "--watch",
-         "--watch-timeout", "2400"], repo, env)  # fmt: skip
-    (flow_run,) = api(env, "flow_runs/filter", {"flow_runs": {"parent_task_run_id": {"is_null_": True}},
-                                                "sort": "START_TIME_DESC", "limit": 1})  # fmt: skip
-    return flow_run
+    return deployment_run(repo, env, documented("prefect deployment run blip-pipeline/pipeline-cpu --watch"))
+
+
+def all_runs(client: MlflowClient) -> list:
+    return client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000)
 
 
 def stage_runs(client: MlflowClient) -> list:
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    return [r for r in client.search_runs(experiments, max_results=1000) if r.data.tags.get("dvc.stage") in STAGES]
+    return [r for r in all_runs(client) if r.data.tags.get("dvc.stage") in STAGES]
+
+
+def pipeline_runs(client: MlflowClient) -> list:
+    return [r for r in all_runs(client) if r.data.tags.get("blip.stage") == "pipeline"]
+
+
+def summary_rows(markdown: str) -> dict[str, list[str]]:
+    """The pipeline's summary artifact: stage -> its row (status, time, headline metric, MLflow run)."""
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in markdown.splitlines()[2:]]
+    return {row[0]: row[1:] for row in rows}
 
 
 def test_prefect_deployment_runs_the_pipeline_retries_registers_serves_then_skips(clone, tmp_path: Path) -> None:
@@ -81,32 +124,49 @@ def test_prefect_deployment_runs_the_pipeline_retries_registers_serves_then_skip
     logs = tmp_path / "logs"
     logs.mkdir()
     run(["dvc", "remote", "add", "-d", "shared", str(tmp_path / "dvc-remote")], repo, env)
+    # As a developer's shell may export it: deploying must not bake the deploying machine's path into a deployment.
+    env = {**env, "BLIP_PROJECT_DIR": str(tmp_path / "not-the-worker-checkout")}
+    for command in ("make prefect-server", "make deploy"):  # what orchestration() runs
+        documented(command)
     with orchestration(repo, env, logs) as env:
         client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-        run(["prefect", "--no-prompt", "deploy", "--name", "pipeline-cpu"], repo, env)
+        deployments = {d["name"]: d for d in api(env, "deployments/filter", {})}
+        assert set(deployments) == DEPLOYMENTS
+        assert [s["schedule"]["cron"] for s in deployments["nightly"]["schedules"]] == ["0 2 * * *"]
+        assert "not-the-worker-checkout" not in json.dumps([d["pull_steps"] for d in deployments.values()])
         killed: list[int] = []
         kill_pretrain_once(after_s=15, killed=killed)
         first = trigger(repo, env)
-        assert first["state_type"] == "COMPLETED", (logs / "worker.log").read_text()[-5000:]
+        assert first["state_type"] == "COMPLETED", (logs / "deploy.log").read_text()[-5000:]
         assert killed, "the pretrain process was never seen"
+        assert re.fullmatch(r"pipeline-all-\d{4}-\d\d-\d\d-\d{4}", first["name"]), first["name"]
 
-        # The killed stage was retried by its task (and resumed), every stage ran once under the pipeline.
-        subflows = api(env, "flow_runs/filter", {"flow_runs": {"parent_task_run_id": {"is_null_": False}}})
-        assert sorted(f["name"] for f in subflows) == sorted(STAGES)
-        pretrain = next(f for f in subflows if f["name"] == "pretrain")
-        (repro,) = [t for t in api(env, "task_runs/filter", {"flow_runs": {"id": {"any_": [pretrain["id"]]}}})
-                    if t["name"].startswith("repro")]  # fmt: skip
+        # Every stage ran as a subflow; the killed one was retried by its task (and resumed).
+        stages = subflows(env, first)
+        assert sorted(stages) == sorted(STAGES)
+        assert {f["state_name"] for f in stages.values()} == {"Completed"}
+        tasks = api(env, "task_runs/filter", {"flow_runs": {"id": {"any_": [stages["pretrain"]["id"]]}}})
+        (repro,) = [t for t in tasks if t["name"] == "dvc repro pretrain"]
         assert repro["run_count"] == 2 and repro["state_type"] == "COMPLETED"
-        artifacts = {a["key"]: a["data"] for a in api(env, "artifacts/filter", {})}
-        assert "CIDEr" in artifacts["stage-caption-finetune-capfilt"]
-        assert "/#/experiments/" in artifacts["stage-caption-finetune-capfilt"]  # a link to the MLflow run
+        artifacts = artifacts_of(env, first)
         assert "registered as version" in artifacts["promotion"]
+        summary = summary_rows(artifacts["pipeline-summary"])
+        assert sorted(summary) == sorted(STAGES) and {row[0] for row in summary.values()} == {"ran"}
+        assert summary["caption-finetune@capfilt"][2].startswith("CIDEr ")  # the stage's figure in `blip summary`
+        assert summary["pretrain"][2].startswith("eval_i2t_r1 ")
+        caption = artifacts_of(env, stages["caption-finetune@capfilt"])["stage-caption-finetune-capfilt"]
+        assert "CIDEr" in caption and "/#/experiments/" in caption  # its metrics and a link to its MLflow run
 
-        # MLflow: a finished run with metrics for every stage (the killed attempt may leave one more).
+        # MLflow: a finished run with metrics for every stage (the killed attempt may leave one more), each nested
+        # under the one pipeline run and linked from the summary.
+        (parent,) = pipeline_runs(client)
+        assert parent.info.status == "FINISHED"
         runs = stage_runs(client)
-        for stage in STAGES:
+        for stage in TRACKED:
             done = [r for r in runs if r.data.tags["dvc.stage"] == stage and r.info.status == "FINISHED"]
             assert done and done[0].data.metrics, stage
+            assert {r.data.tags["mlflow.parentRunId"] for r in done} == {parent.info.run_id}, stage
+            assert f"/runs/{done[0].info.run_id})" in summary[stage][3], stage
         metrics = {name: json.loads((repo / f"metrics/{name}.json").read_text()) for name in TASK_METRICS}
         check_task_metrics(repo, metrics)
 
@@ -117,15 +177,35 @@ def test_prefect_deployment_runs_the_pipeline_retries_registers_serves_then_skip
             assert client.get_run(champion.run_id).data.tags["dvc.stage"] in STAGES
         serve_and_caption(repo, env, logs)
 
-        # Nothing changed: the second run skips every stage through DVC; no new runs, versions or files.
+        # One stage on demand, as documented: DVC finds it up to date, and the run says so, linking the run behind
+        # its metrics. A mistyped stage fails at once (no retry) with DVC's error logged as an error.
+        evaluate = deployment_run(repo, env, documented("prefect deployment run blip-stage/evaluate -p "
+                                                        "stage=retrieval-zeroshot@pretrain --watch"))  # fmt: skip
+        assert evaluate["state_type"] == "COMPLETED" and evaluate["state_name"] == "Skipped"
+        (zeroshot,) = [r for r in runs if r.data.tags["dvc.stage"] == "retrieval-zeroshot@pretrain"]
+        assert f"/runs/{zeroshot.info.run_id})" in artifacts_of(env, evaluate)["stage-retrieval-zeroshot-pretrain"]
+        typo = deployment_run(repo, env, ["prefect", "deployment", "run", "blip-stage/evaluate", "-p",
+                                          "stage=retrieval-zeroshot@pretrian", "--watch"], ok=False)  # fmt: skip
+        assert typo["state_type"] == "FAILED"
+        (task,) = api(env, "task_runs/filter", {"flow_runs": {"id": {"any_": [typo["id"]]}}})
+        assert task["name"] == "dvc repro retrieval-zeroshot@pretrian" and task["run_count"] == 1
+        errors = api(env, "logs/filter", {"logs": {"flow_run_id": {"any_": [typo["id"]]}, "level": {"ge_": 40}}})
+        assert any(e["message"].startswith("ERROR") and "Stage 'retrieval-zeroshot@pretrian' not found" in e["message"]
+                   for e in errors)  # fmt: skip
+
+        # Nothing changed: the second run skips every stage through DVC; no new runs (not even an empty pipeline
+        # run), versions or files; every stage shows as skipped, linking the run of the first.
         shard = repo / "data/shards/web/shard-000000.tar"
         stamp, versions = shard.stat().st_mtime_ns, len(client.search_model_versions("name = 'blip-captioner'"))
-        before = len(stage_runs(client))
+        before = len(all_runs(client))
         second = trigger(repo, env)
         assert second["state_type"] == "COMPLETED" and second["id"] != first["id"]
-        assert len(stage_runs(client)) == before and shard.stat().st_mtime_ns == stamp
+        assert len(all_runs(client)) == before and shard.stat().st_mtime_ns == stamp
         assert len(client.search_model_versions("name = 'blip-captioner'")) == versions
-        assert "up to date (DVC skipped it)" in artifacts_now(env)["stage-pretrain"]
+        assert {f["state_name"] for f in subflows(env, second).values()} == {"Skipped"}
+        skipped = summary_rows(artifacts_of(env, second)["pipeline-summary"])
+        assert {row[0] for row in skipped.values()} == {"skipped"} and len(skipped) == len(STAGES)
+        assert all(skipped[stage][3] == summary[stage][3] for stage in STAGES)
 
     # The DVC remote the stages pushed to holds everything: drop the cache and outputs, pull, and all is back.
     shutil.rmtree(repo / ".dvc/cache")
@@ -134,10 +214,6 @@ def test_prefect_deployment_runs_the_pipeline_retries_registers_serves_then_skip
     run(["dvc", "pull"], repo, env)
     assert shard.stat().st_size > 0
     assert "up to date" in run(["dvc", "status"], repo, env).lower()
-
-
-def artifacts_now(env: dict[str, str]) -> dict[str, str]:
-    return {a["key"]: a["data"] for a in api(env, "artifacts/filter", {"sort": "CREATED_DESC"})[::-1]}
 
 
 def check_task_metrics(repo: Path, metrics: dict[str, dict]) -> None:

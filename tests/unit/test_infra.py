@@ -6,7 +6,9 @@ No docker, no cluster, no network: these read the files and check what a typo or
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -328,5 +330,32 @@ def test_prefect_yaml_deployments_match_the_pools_and_the_flows(template: dict[s
     for deployment in deployments.values():
         path, flow = deployment["entrypoint"].split(":")
         assert f"def {flow}(" in (REPO / path).read_text()
-    (step,) = project["pull"]
-    assert step["prefect.deployments.steps.set_working_directory"]["directory"] == "{{ $BLIP_PROJECT_DIR }}"
+
+
+def test_prefect_yaml_working_directory_is_resolved_on_the_worker(monkeypatch: pytest.MonkeyPatch,
+                                                                   tmp_path: Path) -> None:  # fmt: skip
+    """`prefect deploy` fills `{{ $VAR }}` placeholders in from the deploying shell: the pull steps must come through
+    it unchanged, then take the folder from the worker's BLIP_PROJECT_DIR when a run starts (the GPU deployments'
+    jobs set it to the training image's WORKDIR), and fail clearly where it is unset."""
+    from prefect.deployments.steps import run_shell_script
+    from prefect.utilities.templating import apply_values
+
+    project = yaml.load((REPO / "prefect.yaml").read_text(), Loader=Loader)
+    pull = project["pull"]
+    monkeypatch.setenv("BLIP_PROJECT_DIR", "/the/deploying/shell")
+    assert apply_values(pull, dict(os.environ), remove_notset=False) == pull  # what `prefect deploy` does
+
+    # What the worker's run does (prefect.deployments.steps.core.run_steps): each step's output under its id.
+    (script,), (chdir,) = pull[0].values(), pull[1].values()
+    step_id, inputs = script["id"], {key: value for key, value in script.items() if key != "id"}
+    monkeypatch.setenv("BLIP_PROJECT_DIR", str(tmp_path))
+    outputs = asyncio.run(run_shell_script(**inputs))
+    assert apply_values(chdir, {step_id: outputs}) == {"directory": str(tmp_path)}
+    monkeypatch.delenv("BLIP_PROJECT_DIR")
+    with pytest.raises(RuntimeError, match="BLIP_PROJECT_DIR: the worker must set it"):
+        asyncio.run(run_shell_script(**inputs))
+
+    workdir = re.search(r"^WORKDIR (\S+)$", (INFRA / "Dockerfile").read_text(), re.MULTILINE).group(1)
+    for deployment in project["deployments"]:
+        if deployment["work_pool"]["name"] == "gpu":
+            assert deployment["work_pool"]["job_variables"]["env"]["BLIP_PROJECT_DIR"] == workdir
