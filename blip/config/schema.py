@@ -188,6 +188,9 @@ class ModelConfig(Section):
     preset: Literal["tiny", "base", "large", "custom"] = Field("tiny", description="a label; custom: imported sizes")
     image_size: int = Field(64, ge=16)
     patch_size: int = Field(16, ge=1)
+    patch_embed: Literal["linear", "conv"] = Field(
+        "linear", description="linear: ViT's patch layer (BLIP, official weights); conv: a convolutional stem"
+    )
     vision_width: int = Field(96, ge=8)
     vision_depth: int = Field(2, ge=1)
     vision_heads: int = Field(4, ge=1)
@@ -210,6 +213,9 @@ class ModelConfig(Section):
     def _shapes(self) -> ModelConfig:
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.patch_embed == "conv" and (self.patch_size < 4 or self.patch_size & (self.patch_size - 1)):
+            raise ValueError(f"patch_embed conv halves the image per layer: patch_size {self.patch_size} must be a "
+                             "power of two, 4 or more")  # fmt: skip
         for width, heads, name in (
             (self.vision_width, self.vision_heads, "vision"),
             (self.text_width, self.text_heads, "text"),
@@ -275,6 +281,8 @@ class PretrainConfig(TrainConfig):
     momentum: float = Field(0.995, ge=0, le=1)
     alpha: float = Field(0.4, ge=0, le=1)
     alpha_ramp_epochs: float = Field(2.0, ge=0, description="alpha rises linearly over these first epochs")
+    itm_hard_negatives: float = Field(1.0, ge=0, le=1, description="share of ITM negatives drawn by ITC "
+                                      "similarity (BLIP: 1); the rest uniformly from the batch")  # fmt: skip
     label_smoothing: float = Field(0.1, ge=0, lt=1)
 
     @model_validator(mode="after")

@@ -53,6 +53,8 @@ class RetrievalFinetuneConfig(FinetuneConfig):
     momentum: float = Field(0.995, ge=0, le=1)
     alpha: float = Field(0.4, ge=0, le=1)
     alpha_ramp_epochs: float = Field(1.0, ge=0, description="alpha rises linearly over these first epochs")
+    itm_hard_negatives: float = Field(1.0, ge=0, le=1, description="share of ITM negatives drawn by ITC "
+                                      "similarity (BLIP: 1); the rest uniformly from the batch")  # fmt: skip
     eval: RetrievalEvalConfig = RetrievalEvalConfig()
     checkpoint_dir: Path = Path("checkpoints/retrieval")
     output: Path = Path("models/retrieval.safetensors")

@@ -3,7 +3,8 @@
 - momentum encoders (EMA copies) and feature queues, with the queue filled one global batch at a time;
 - ITC targets with momentum distillation: alpha * softmax(momentum similarities) + (1 - alpha) * positives;
 - ITM hard negatives drawn from softmax(similarity) + 1e-4 with positives zeroed, across ranks, through a
-  gather that keeps gradients (so a negative drawn from another rank still trains that rank's encoders).
+  gather that keeps gradients (so a negative drawn from another rank still trains that rank's encoders); with
+  `hard_share` < 1 that share of the draws is hard, the rest uniform over the batch's other pairs.
 """
 
 from __future__ import annotations
@@ -76,9 +77,15 @@ def distilled_targets(sim_m: torch.Tensor, positives: torch.Tensor, alpha: float
 
 
 @torch.no_grad()
-def negative_weights(sim: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
-    """Sampling weights for hard negatives: softmax(sim) + 1e-4, zero on every positive."""
-    return (F.softmax(sim, dim=1) + 1e-4).masked_fill(positives, 0)
+def negative_weights(sim: torch.Tensor, positives: torch.Tensor, hard_share: float = 1.0) -> torch.Tensor:
+    """Sampling weights for ITM negatives, zero on every positive: softmax(sim) + 1e-4 (BLIP's hard negatives), mixed
+    with the uniform distribution so that `hard_share` of the draws are hard. A small model learns ITM from the
+    easy ones first: on the hard ones alone its loss stays at the prior (see params.yaml)."""
+    hard = (F.softmax(sim, dim=1) + 1e-4).masked_fill(positives, 0)
+    if hard_share == 1.0:
+        return hard
+    uniform = (~positives).float()
+    return hard_share * hard / hard.sum(1, keepdim=True) + (1 - hard_share) * uniform / uniform.sum(1, keepdim=True)
 
 
 def sample_negatives(
@@ -89,6 +96,7 @@ def sample_negatives(
     text_mask: torch.Tensor,
     image_ids: torch.Tensor | None,
     generator: torch.Generator | None = None,
+    hard_share: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One negative image per text and one negative text per image, drawn from the global batch.
 
@@ -104,8 +112,9 @@ def sample_negatives(
         positives[torch.arange(batch), torch.arange(batch) + offset] = True
         if all_ids is not None:
             positives |= image_ids[:, None] == all_ids[None, :]
-        image_for_text = torch.multinomial(negative_weights(sim_t2i, positives), 1, generator=generator).squeeze(1)
-        text_for_image = torch.multinomial(negative_weights(sim_i2t, positives), 1, generator=generator).squeeze(1)
+        weights_t2i, weights_i2t = (negative_weights(sim, positives, hard_share) for sim in (sim_t2i, sim_i2t))
+        image_for_text = torch.multinomial(weights_t2i, 1, generator=generator).squeeze(1)
+        text_for_image = torch.multinomial(weights_i2t, 1, generator=generator).squeeze(1)
     world_images = gather_with_grad(image_embeds)
     # Pad id 0 is [PAD] in BERT's vocabulary and in ours; mask 0 keeps padding out of attention either way.
     world_ids, world_mask = gather_padded(text_ids, pad_value=0), gather_padded(text_mask, pad_value=0)
@@ -127,9 +136,9 @@ class DualEncoder(nn.Module):
     Subclasses register their queues under the official names and combine `itc` and `itm` into their losses.
     """
 
-    def __init__(self, cfg: ModelConfig, tokens: SpecialTokens, momentum: float) -> None:
+    def __init__(self, cfg: ModelConfig, tokens: SpecialTokens, momentum: float, itm_hard_share: float = 1.0) -> None:
         super().__init__()
-        self.tokens, self.momentum = tokens, momentum
+        self.tokens, self.momentum, self.itm_hard_share = tokens, momentum, itm_hard_share
         self.visual_encoder = create_vit(cfg)
         self.text_encoder = MED(cfg)
         self.vision_proj = nn.Linear(cfg.vision_width, cfg.embed_dim)
@@ -229,7 +238,8 @@ class DualEncoder(nn.Module):
         with torch.no_grad():
             sim_i2t = image_feat @ gather_no_grad(text_feat).T / self.temp
             sim_t2i = text_feat @ gather_no_grad(image_feat).T / self.temp
-        neg_images, neg_ids, neg_mask = sample_negatives(sim_i2t, sim_t2i, image_embeds, text_ids, text_mask, image_ids)
+        neg_images, neg_ids, neg_mask = sample_negatives(sim_i2t, sim_t2i, image_embeds, text_ids, text_mask, image_ids,
+                                                         hard_share=self.itm_hard_share)  # fmt: skip
         # Negatives from other ranks may be padded wider than this rank's texts.
         text_ids, text_mask = (F.pad(t, (0, neg_ids.shape[1] - t.shape[1])) for t in (text_ids, text_mask))
         ids = torch.cat([text_ids, text_ids, neg_ids])

@@ -107,6 +107,10 @@ def export_hf(
 ) -> Path:
     """Write a `from_pretrained` folder (weights, config, processor with our tokenizer) for `kind`."""
     model_class, _ = HF_CLASSES[kind]
+    if cfg.patch_embed != "linear":
+        raise ValueError(f"transformers' BLIP has a linear patch layer only; this model's image encoder starts with "
+                         f"a {cfg.patch_embed} stem (model.patch_embed). Train with model.patch_embed=linear to "
+                         "export.")  # fmt: skip
     if kind == "vqa" and cfg.text_width != cfg.vision_width:
         raise ValueError(f"transformers' BlipForQuestionAnswering cannot hold a VQA model whose text width "
                          f"({cfg.text_width}) differs from its vision width ({cfg.vision_width})")  # fmt: skip

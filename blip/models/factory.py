@@ -42,6 +42,7 @@ def build_model(
     queue_size: int = 57600,
     momentum: float = 0.995,
     label_smoothing: float = 0.1,
+    itm_hard_share: float = 1.0,
 ) -> nn.Module:
     if cfg.vocab_size is None:
         cfg = cfg.model_copy(update={"vocab_size": len(tokenizer)})
@@ -49,9 +50,9 @@ def build_model(
         raise ValueError(f"model.vocab_size {cfg.vocab_size} != tokenizer size {len(tokenizer)} ([DEC], [ENC] added)")
     tokens = SpecialTokens.of(tokenizer)
     if task == "pretrain":
-        model: nn.Module = BlipPretrain(cfg, tokens, queue_size, momentum, label_smoothing)
+        model: nn.Module = BlipPretrain(cfg, tokens, queue_size, momentum, label_smoothing, itm_hard_share)
     elif task == "retrieval":
-        model = BlipRetrieval(cfg, tokens, queue_size, momentum)
+        model = BlipRetrieval(cfg, tokens, queue_size, momentum, itm_hard_share)
     elif task == "caption":
         model = BlipCaptioner(cfg, tokens, tokenizer(PROMPT.strip(), add_special_tokens=False).input_ids,
                               label_smoothing)  # fmt: skip
@@ -220,6 +221,9 @@ def load_trained(
     replaces the stored tokenizer name (e.g. the vocabulary shipped beside the weights in a registered model).
     Parts of other tasks in the file are dropped."""
     source = read_weights(weights, cfg)
+    if source.model is None and cfg is not None:  # an official-layout file: its keys say which patch layer it has
+        conv = any(key.startswith("visual_encoder.patch_embed.backbone.") for key in source.state)
+        cfg = cfg.model_copy(update={"patch_embed": "conv" if conv else "linear"})
     cfg = source.model or cfg
     tokenizer = tokenizer or source.tokenizer or tokenizer_name
     if cfg is None or tokenizer is None:

@@ -35,8 +35,9 @@ class BlipPretrain(DualEncoder):
         queue_size: int,
         momentum: float = 0.995,
         label_smoothing: float = 0.1,
+        itm_hard_share: float = 1.0,
     ) -> None:
-        super().__init__(cfg, tokens, momentum)
+        super().__init__(cfg, tokens, momentum, itm_hard_share)
         self.label_smoothing = label_smoothing
         self.text_decoder = TextDecoder(cfg)
         share_except_self_attention(self.text_encoder, self.text_decoder.bert)

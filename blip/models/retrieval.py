@@ -26,8 +26,9 @@ class RetrievalLosses:
 
 
 class BlipRetrieval(DualEncoder):
-    def __init__(self, cfg: ModelConfig, tokens: SpecialTokens, queue_size: int, momentum: float = 0.995) -> None:
-        super().__init__(cfg, tokens, momentum)
+    def __init__(self, cfg: ModelConfig, tokens: SpecialTokens, queue_size: int, momentum: float = 0.995,
+                 itm_hard_share: float = 1.0) -> None:  # fmt: skip
+        super().__init__(cfg, tokens, momentum, itm_hard_share)
         self.register_buffer("image_queue", F.normalize(torch.randn(cfg.embed_dim, queue_size), dim=0))
         self.register_buffer("text_queue", F.normalize(torch.randn(cfg.embed_dim, queue_size), dim=0))
         self.register_buffer("idx_queue", torch.full((1, queue_size), -100, dtype=torch.long))

@@ -41,7 +41,7 @@ class Pretraining(Recipe):
 
     def build_args(self) -> dict[str, Any]:
         return {"queue_size": self.cfg.queue_size, "momentum": self.cfg.momentum,
-                "label_smoothing": self.cfg.label_smoothing}  # fmt: skip
+                "label_smoothing": self.cfg.label_smoothing, "itm_hard_share": self.cfg.itm_hard_negatives}  # fmt: skip
 
     def lr_at(self, step: int) -> float:
         return pretrain_lr(self.cfg, step)

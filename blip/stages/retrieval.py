@@ -59,7 +59,8 @@ class Retrieval(Recipe):
     cfg: RetrievalFinetuneConfig
 
     def build_args(self) -> dict[str, Any]:
-        return {"queue_size": self.cfg.queue_size, "momentum": self.cfg.momentum}
+        return {"queue_size": self.cfg.queue_size, "momentum": self.cfg.momentum,
+                "itm_hard_share": self.cfg.itm_hard_negatives}  # fmt: skip
 
     def loss(self, model: nn.Module, batch: dict, step: int) -> dict[str, torch.Tensor]:
         tokens = self.tokens(batch["text"])

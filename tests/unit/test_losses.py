@@ -65,6 +65,21 @@ def test_negative_weights_follow_similarity() -> None:
     assert weights[0, 0] == 0 and torch.allclose(weights[0, 1:], expected[0, 1:])
 
 
+def test_negative_weights_mix_hard_and_uniform_draws() -> None:
+    sim = torch.tensor([[0.0, 30.0, 0.0, 0.0, 0.0]])  # column 1 is the only hard negative; column 0 the positive
+    positives = torch.tensor([[True, False, False, False, False]])
+    for share in (0.0, 0.25, 0.5):
+        weights = C.negative_weights(sim, positives, share)
+        probabilities = weights / weights.sum()
+        # `share` of the draws follow the similarity (on column 1 but for BLIP's 1e-4 floor), the rest are uniform
+        assert probabilities[0, 0] == 0
+        assert probabilities[0, 1].item() == pytest.approx(share + (1 - share) / 4, abs=1e-3)
+        assert torch.allclose(probabilities[0, 2:], torch.full((3,), (1 - share) / 4), atol=1e-3)
+    draws = torch.multinomial(C.negative_weights(sim, positives, 0.5).expand(4000, -1), 1,
+                              generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert (draws == 1).float().mean().item() == pytest.approx(0.625, abs=0.03) and (draws != 0).all()
+
+
 def test_label_smoothed_lm_loss_by_hand() -> None:
     logits = torch.tensor([[[2.0, 0.0, 0.0, 0.0], [0.0, 3.0, 0.0, 1.0]]])
     targets = torch.tensor([[1, -100]])  # only position 0 has a target (token 1); position 1 is ignored
