@@ -20,9 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _tiny_bert():
 
-    # The committed tiny model with BERT's vocabulary (30,524 with [DEC] and [ENC]), as the BERT-id tests need, and
-    # ViT's linear patch layer, as the comparisons with transformers' BLIP need.
-    return load_params(REPO / "params.yaml").model.model_copy(update={"vocab_size": 30524, "patch_embed": "linear"})
+    # The committed tiny model with BERT's vocabulary (30,524 with [DEC] and [ENC]), as the BERT-id tests need.
+    return load_params(REPO / "params.yaml").model.model_copy(update={"vocab_size": 30524})
 
 
 TINY_BERT = _tiny_bert()

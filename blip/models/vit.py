@@ -3,7 +3,7 @@
 Its parameter names are exactly those of BLIP's `visual_encoder` (`cls_token`, `pos_embed`, `patch_embed.proj`,
 `blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}`, `norm`), so official checkpoints load unchanged.
 `patch_embed: conv` swaps the patchify layer for timm's convolutional stem (Xiao et al. 2021, "Early Convolutions
-Help Transformers See Better"): the tiny preset's choice, where a linear patch layer learns small shapes slowly.
+Help Transformers See Better"), which learns small shapes faster in a tiny ViT (see `conv_patch_embed`).
 """
 
 from __future__ import annotations

@@ -198,15 +198,11 @@ def test_capfilt_under_torchrun_equals_one_process(project: Path, weights: dict,
     assert outputs["two"] == outputs["one"] and len(outputs["one"]) > 40
 
 
-def test_capfilt_from_transformers_folders_equals_capfilt_from_our_weights(project: Path, here: Path) -> None:
+def test_capfilt_from_transformers_folders_equals_capfilt_from_our_weights(
+    project: Path, weights: dict, here: Path
+) -> None:
     from blip.stages.capfilt import main
 
-    # transformers' BLIP has the linear patch layer only (the tiny default's conv stem is refused on export)
-    vocab = str(project / "data/vocab/vocab.txt")
-    params = load_params(project / "params.yaml", [f"tokenizer.name={vocab}", "model.patch_embed=linear"])
-    weights = {task: save_weights(build_model(task, params.model, load_tokenizer(vocab), queue_size=0),
-                                  here / f"{task}.safetensors", vocab)
-               for task in ("caption", "retrieval")}  # fmt: skip
     for task in ("caption", "retrieval"):  # the same weights as transformers folders (their own tokenizer files)
         assert blip_main(["export-hf", "--weights", str(weights[task]), "--task", task,
                           "--out", str(here / f"hf-{task}")]) == 0  # fmt: skip
