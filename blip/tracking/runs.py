@@ -58,9 +58,9 @@ def git_commit() -> str:
 
 
 def dvc_stage(stage: str) -> str:
-    """The DVC stage running this process: DVC sets DVC_STAGE for every stage command (the flows set
-    BLIP_DVC_STAGE too); outside DVC, the stage's own name."""
-    return os.environ.get("DVC_STAGE") or os.environ.get("BLIP_DVC_STAGE") or stage
+    """The DVC stage running this process: DVC sets DVC_STAGE for every stage command (through the Prefect flows
+    too, which run `dvc repro`); outside DVC, the stage's own name."""
+    return os.environ.get("DVC_STAGE") or stage
 
 
 def stage_params(params: Params, sections: Iterable[str]) -> tuple[dict[str, str], dict[str, str]]:
