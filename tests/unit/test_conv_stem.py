@@ -1,4 +1,4 @@
-"""`model.patch_embed: conv`, the tiny default's convolutional stem: the same token grid as the ViT's patch layer,
+"""`model.patch_embed: conv`, the optional convolutional stem: the same token grid as the ViT's patch layer,
 saved and loaded like any weights, refused by the transformers export (whose BLIP has the linear layer only)."""
 
 from __future__ import annotations
