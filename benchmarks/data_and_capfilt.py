@@ -28,8 +28,9 @@ import torch
 from benchmarks.vs_transformers import ROOT, TOKENIZER, describe, model_config, timed
 from blip.config import load_params
 from blip.data.loader import make_loader, train_pipeline
+from blip.data.locations import shard_urls
 from blip.data.scene import render, sample_scene
-from blip.data.shards import ShardWriter, shard_urls
+from blip.data.shards import ShardWriter
 from blip.data.tokenizer import load_tokenizer
 from blip.data.transforms import train_transform
 from blip.models.caption import PROMPT

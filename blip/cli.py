@@ -14,6 +14,7 @@ from blip.config import ConfigError
 # `blip ingest` never loads torch.
 COMMANDS = {
     "ingest": ("blip.stages.ingest", "synthetic world / annotation files -> webdataset shards"),
+    "sources": ("blip.stages.sources", "list the shard locations read in place (s3://, patterns) with versions"),
     "vocab": ("blip.stages.vocab", "fit a WordPiece vocabulary to the training text"),
     "pretrain": ("blip.stages.pretrain", "BLIP pretraining (ITC + ITM + LM); torchrun for DDP"),
     "caption-finetune": ("blip.stages.caption", "fine-tune and evaluate the captioner"),

@@ -154,7 +154,8 @@ def repro(stage: str, single_item: bool, parent_run_id: str | None) -> bool:
         pushed, push_output = run_logged(dvc("push", stage), env)
         if pushed:
             raise StageFailed(stage, pushed, push_output)
-    return f"Running stage '{stage}'" in output
+    # An always-changed stage (`sources`) runs on every repro: it counts as run only when its outputs changed.
+    return f"Running stage '{stage}'" in output and (stage not in always_changed() or "Updating lock file" in output)
 
 
 def stage_metrics(stage: str) -> dict[str, dict[str, float]]:
@@ -260,11 +261,20 @@ def stage_order(targets: list[str] | None = None) -> list[str]:
 
 
 def stale_stages(targets: list[str] | None = None) -> set[str]:
-    """The stages `dvc status` finds changed now. Stages downstream of them may run too, but always after them."""
+    """The stages `dvc status` finds changed now (not counting those DVC runs every time). Stages downstream of
+    them may run too, but always after them."""
     from dvc.repo import Repo
 
     with Repo(str(PROJECT)) as repo:
-        return set(repo.status(targets=targets, with_deps=bool(targets)))
+        return set(repo.status(targets=targets, with_deps=bool(targets))) - always_changed()
+
+
+def always_changed() -> set[str]:
+    """The stages dvc.yaml marks `always_changed` (DVC runs them on every repro)."""
+    from dvc.repo import Repo
+
+    with Repo(str(PROJECT)) as repo:
+        return {stage.addressing for stage in repo.index.stages if stage.always_changed}
 
 
 @task(task_run_name="blip promote", retries=2, retry_delay_seconds=10, retry_condition_fn=_retry_condition,
@@ -341,6 +351,8 @@ def pipeline(targets: list[str] | None = None, promote_models: bool = True) -> l
             if name in stale:  # what runs is stale now or after a stale stage: the parent is open before any runs
                 parent.start()
             reports.append(stage(name, single_item=True, parent_run_id=parent.run_id))
+            if reports[-1].ran and name in always_changed():  # new outputs (a changed source): their readers are stale
+                stale |= stale_stages(targets)
         if promote_models:
             promote(parent.run_id)
         status = "FINISHED"

@@ -11,7 +11,6 @@ import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import webdataset as wds
@@ -22,6 +21,7 @@ from blip.capfilt.units import Unit, UnitStats, plan_units, unit_shard
 from blip.config import ConfigError, Params
 from blip.data.language import is_true
 from blip.data.loader import split_by_worker
+from blip.data.locations import split_urls
 from blip.data.scene import Scene
 from blip.data.shards import read_shards
 from blip.data.transforms import eval_transform
@@ -70,7 +70,7 @@ class Bootstrapper:
                                            cfg.repetition_penalty)  # fmt: skip
         self.threshold = cfg.threshold
         if cfg.threshold_rule == "calibrated":
-            self.threshold = self.calibrated_threshold(params.data.shard_root / cfg.calibration_split)
+            self.threshold = self.calibrated_threshold(split_urls(params.data.shard_root, cfg.calibration_split))
         elif cfg.threshold_rule == "top_fraction":  # every rank scores the whole pool: the same threshold on each
             self.threshold = self.top_fraction_threshold([unit for unit in plan_units(params) if not unit.human])
 
@@ -140,10 +140,10 @@ class Bootstrapper:
                 stats.examples.append(example)
 
     @torch.no_grad()
-    def calibrated_threshold(self, shard_dir: Path) -> float:
-        """The score that keeps `calibration_keep` of the held-out human pairs in `shard_dir`."""
+    def calibrated_threshold(self, urls: list[str]) -> float:
+        """The score that keeps `calibration_keep` of the held-out human pairs in these shards."""
         cfg = self.cfg
-        split = load_pair_split(shard_dir, self.models.image_sizes[1], 10**9)
+        split = load_pair_split(urls, self.models.image_sizes[1], 10**9)
         values = []
         for start in range(0, len(split.texts), cfg.batch_size):
             rows = split.text_image[start : start + cfg.batch_size]

@@ -3,7 +3,9 @@
 A finished unit is its output shard, then its stats file as the commit mark (both written atomically), so a killed
 run resumes at the first unfinished unit without redoing or losing one. The work dir is kept only while its
 fingerprint (settings, threshold, models, input shards) matches; the finished units are assembled into the output
-folder, swapped in whole.
+folder, swapped in whole. With `capfilt.out_url` (object storage) each unit's shard is uploaded there before its
+commit mark (an object appears whole or not at all) and its local copy dropped, so the work dir stays small; the
+output folder then holds the manifest, which lists the uploaded shards with their sizes and versions.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from fsspec.core import url_to_fs
+
 from blip.config import Params
 from blip.config.tasks import CapfiltConfig
-from blip.data.shards import shard_urls
+from blip.data import locations
 from blip.files import atomic_write_text, swap_in
 
 SPLIT = "bootstrapped"
@@ -57,8 +61,8 @@ class UnitStats:
 
 def plan_units(params: Params) -> list[Unit]:
     cfg, root = params.capfilt, params.data.shard_root
-    urls = [(url, False) for split in cfg.source_splits for url in shard_urls(root / split)]
-    urls += [(url, True) for split in cfg.human_splits for url in shard_urls(root / split)]
+    urls = [(url, False) for split in cfg.source_splits for url in locations.split_urls(root, split)]
+    urls += [(url, True) for split in cfg.human_splits for url in locations.split_urls(root, split)]
     return [Unit(index, url, human) for index, (url, human) in enumerate(urls)]
 
 
@@ -74,9 +78,20 @@ def is_done(cfg: CapfiltConfig, unit: Unit) -> bool:
     return unit_stats_path(cfg, unit).is_file()
 
 
+def unit_url(cfg: CapfiltConfig, unit: Unit) -> str:
+    """Where a finished unit's shard lives: the work dir, or object storage (`out_url`)."""
+    shard = unit_shard(cfg, unit)
+    return f"{cfg.out_url.rstrip('/')}/{shard.name}" if cfg.out_url else str(shard)
+
+
 def commit(cfg: CapfiltConfig, stats: UnitStats) -> None:
-    """The unit's commit mark, written after its shard."""
-    atomic_write_text(unit_stats_path(cfg, Unit(stats.unit, stats.source, False)), json.dumps(asdict(stats)))
+    """The unit's commit mark, written after its shard (uploaded first, with `out_url`)."""
+    unit = Unit(stats.unit, stats.source, False)
+    if cfg.out_url:
+        fs, path = url_to_fs(unit_url(cfg, unit))
+        fs.put_file(str(unit_shard(cfg, unit)), path)
+        unit_shard(cfg, unit).unlink()
+    atomic_write_text(unit_stats_path(cfg, unit), json.dumps(asdict(stats)))
 
 
 def read_stats(cfg: CapfiltConfig, units: list[Unit]) -> list[UnitStats]:
@@ -87,7 +102,9 @@ def fingerprint(params: Params, threshold: float, units: list[Unit]) -> str:
     """Everything a unit's output depends on: a changed one invalidates the finished units."""
     digest = hashlib.sha256(params.capfilt.model_dump_json().encode())
     digest.update(f"{threshold!r}{params.tokenizer.max_length}".encode())
-    for path in (params.capfilt.captioner, params.capfilt.filter, *(Path(unit.url) for unit in units)):
+    digest.update(str(locations.describe(unit.url for unit in units if not locations.is_local(unit.url))).encode())
+    local = (Path(unit.url) for unit in units if locations.is_local(unit.url))
+    for path in (params.capfilt.captioner, params.capfilt.filter, *local):
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]  # a transformers folder
         for file in files:
             digest.update(file.name.encode() + hashlib.sha256(file.read_bytes()).digest())
@@ -99,16 +116,24 @@ def prepare_work_dir(cfg: CapfiltConfig, stamp: str) -> None:
     marker = cfg.work_dir / "fingerprint"
     if not marker.is_file() or marker.read_text() != stamp:
         shutil.rmtree(cfg.work_dir, ignore_errors=True)
+        if cfg.out_url:  # an earlier run's shards there: none of them may pass for this run's
+            fs, path = url_to_fs(cfg.out_url)
+            for stale in fs.glob(path.rstrip("/") + "/shard-*.tar"):
+                fs.rm_file(stale)
     (cfg.work_dir / "units").mkdir(parents=True, exist_ok=True)
     marker.write_text(stamp)
 
 
 def assemble(cfg: CapfiltConfig, units: list[Unit], manifest: dict) -> None:
-    """The output folder from the finished units' shards (hard links) and `manifest`, swapped in whole."""
+    """The output folder from the finished units' shards (hard links; uploaded ones stay where they are) and
+    `manifest`, swapped in whole."""
     staging = cfg.out_dir.parent / f".{cfg.out_dir.name}.staging"
     shutil.rmtree(staging, ignore_errors=True)
     (staging / SPLIT).mkdir(parents=True)
-    for unit in units:
-        os.link(unit_shard(cfg, unit), staging / SPLIT / unit_shard(cfg, unit).name)
+    if cfg.out_url:  # the shards stay where they were uploaded; the manifest names them and their versions
+        manifest = manifest | {"shards": locations.describe(unit_url(cfg, unit) for unit in units)}
+    else:
+        for unit in units:
+            os.link(unit_shard(cfg, unit), staging / SPLIT / unit_shard(cfg, unit).name)
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
     swap_in(staging, cfg.out_dir)

@@ -5,13 +5,27 @@ Unknown keys are errors everywhere (`extra="forbid"`), so a typo never silently 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, DirectoryPath, Field, FilePath, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, DirectoryPath, Field, FilePath, model_validator
 
 # Split names become folder names under the shard root: keep them to a safe alphabet.
-SplitName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_]{0,63}$")]
+NAME = r"^[a-z0-9][a-z0-9_]{0,63}$"
+MAX_WORDS = 30  # BLIP's pre_caption limit: ingest's default, and what captions read from web shards are cut to
+SplitName = Annotated[str, Field(pattern=NAME)]
+
+
+def _name_or_location(split: str) -> str:
+    if not re.match(NAME, split) and "/" not in split and ":" not in split:
+        raise ValueError(f"{split!r} is neither a split name (lower-case letters, digits, _) nor a location "
+                         "(a path, a URL such as s3://bucket/{00000..00099}.tar, or a pipe: command)")  # fmt: skip
+    return split
+
+
+# What stages read: a split name (a folder under data.shard_root) or a location of shards (blip.data.locations).
+ShardSplit = Annotated[str, AfterValidator(_name_or_location)]
 Positive = Annotated[float, Field(gt=0)]
 
 
@@ -127,8 +141,9 @@ Source = Annotated[
 class IngestConfig(Section):
     out_dir: Path = Path("data/shards")
     samples_per_shard: int = Field(500, ge=1)
-    max_words: int = Field(30, ge=1, description="BLIP's pre_caption word limit")
+    max_words: int = Field(MAX_WORDS, ge=1, description="BLIP's pre_caption word limit")
     jpeg_quality: int = Field(95, ge=1, le=100)
+    workers: int = Field(1, ge=1, description="processes checking and re-encoding images (output as with one)")
     sources: list[Source] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -169,7 +184,7 @@ class DataConfig(Section):
 class VocabConfig(Section):
     """A WordPiece vocabulary fitted to the training text (`blip vocab`)."""
 
-    splits: list[SplitName] = Field(["web", "clean_train", "vqa_train", "nlvr_train"], min_length=1)
+    splits: list[ShardSplit] = Field(["web", "clean_train", "vqa_train", "nlvr_train"], min_length=1)
     size: int = Field(1000, ge=16, description="at most this many tokens (a small world needs far fewer)")
     extra_texts: list[str] = Field(["a picture of"], description="texts models use that the data lacks (prompts)")
     out: Path = Path("data/vocab/vocab.txt")
@@ -270,8 +285,8 @@ class TrainConfig(Section):
 class PretrainConfig(TrainConfig):
     """BLIP's pretraining recipe: AdamW, linear warm-up then per-epoch step decay, ITC queue."""
 
-    splits: list[SplitName] = Field(["web", "clean_train"], min_length=1, description="shards to pretrain on")
-    eval_split: SplitName | None = Field("clean_val", description="held-out pairs for ITC retrieval accuracy")
+    splits: list[ShardSplit] = Field(["web", "clean_train"], min_length=1, description="shards to pretrain on")
+    eval_split: ShardSplit | None = Field("clean_val", description="held-out pairs for ITC retrieval accuracy")
     eval_images: int = Field(200, ge=2)
     min_lr: float = Field(1e-6, ge=0)
     warmup_lr: Positive = 1e-6

@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from blip.config.schema import Section, SplitName, TrainConfig
+from blip.config.schema import Section, ShardSplit, TrainConfig
 
 
 class FinetuneConfig(TrainConfig):
@@ -23,8 +23,8 @@ class FinetuneConfig(TrainConfig):
 class CaptionFinetuneConfig(FinetuneConfig):
     """Captioning fine-tune (LM after the prompt "a picture of ") and its evaluation (BLIP: beam 3, max 20, min 5)."""
 
-    splits: list[SplitName] = Field(["clean_train"], min_length=1)
-    eval_split: SplitName = "clean_test"
+    splits: list[ShardSplit] = Field(["clean_train"], min_length=1)
+    eval_split: ShardSplit = "clean_test"
     eval_images: int = Field(500, ge=1)
     num_beams: int = Field(3, ge=1)
     max_length: int = Field(20, ge=2, description="tokens, prompt included, as in BLIP")
@@ -38,7 +38,7 @@ class CaptionFinetuneConfig(FinetuneConfig):
 class RetrievalEvalConfig(Section):
     """BLIP's two-step retrieval evaluation: ITC over all pairs in chunks, then ITM re-ranking of the top k."""
 
-    split: SplitName = "clean_test"
+    split: ShardSplit = "clean_test"
     images: int = Field(500, ge=2, description="the first this many images of the split, with all their captions")
     k_test: int = Field(256, ge=1, description="candidates re-ranked by ITM per query (BLIP: 256 COCO, 128 Flickr)")
     itc_chunk: int = Field(256, ge=1, description="query rows of the similarity matrix computed at once")
@@ -48,7 +48,7 @@ class RetrievalEvalConfig(Section):
 class RetrievalFinetuneConfig(FinetuneConfig):
     """ITC (momentum distillation, image-id queue) + ITM (hard negatives) on the human-annotated pairs."""
 
-    splits: list[SplitName] = Field(["clean_train"], min_length=1)
+    splits: list[ShardSplit] = Field(["clean_train"], min_length=1)
     queue_size: int = Field(57600, ge=0, description="ITC feature and image-id queue; 0 = in-batch only")
     momentum: float = Field(0.995, ge=0, le=1)
     alpha: float = Field(0.4, ge=0, le=1)
@@ -78,8 +78,8 @@ class VqaFinetuneConfig(FinetuneConfig):
     """Answer generation loss, each question's answers weighted by annotator share; evaluation by ranking over
     the answer list (the eval split's answer_list.json, else the training answers) and by generation."""
 
-    splits: list[SplitName] = Field(["vqa_train"], min_length=1)
-    eval_split: SplitName = "vqa_test"
+    splits: list[ShardSplit] = Field(["vqa_train"], min_length=1)
+    eval_split: ShardSplit = "vqa_test"
     eval_questions: int = Field(1_000_000, ge=1)
     k_test: int = Field(128, ge=1, description="answers re-scored per question in ranking mode (BLIP: 128)")
     inference: list[Literal["rank", "generate"]] = Field(["rank", "generate"], min_length=1)
@@ -92,8 +92,8 @@ class VqaFinetuneConfig(FinetuneConfig):
 class NlvrFinetuneConfig(FinetuneConfig):
     """NLVR2: is the statement true of the image pair? Cross-entropy on the [ENC] output."""
 
-    splits: list[SplitName] = Field(["nlvr_train"], min_length=1)
-    eval_split: SplitName = "nlvr_test"
+    splits: list[ShardSplit] = Field(["nlvr_train"], min_length=1)
+    eval_split: ShardSplit = "nlvr_test"
     checkpoint_dir: Path = Path("checkpoints/nlvr")
     output: Path = Path("models/nlvr.safetensors")
 
@@ -103,9 +103,14 @@ class CapfiltConfig(Section):
 
     captioner: Path = Path("models/caption.safetensors")
     filter: Path = Path("models/retrieval.safetensors")
-    source_splits: list[SplitName] = Field(["web"], min_length=1, description="noisy pairs to bootstrap")
-    human_splits: list[SplitName] = Field(["clean_train"], description="human-annotated pairs, copied as they are")
+    source_splits: list[ShardSplit] = Field(["web"], min_length=1, description="noisy pairs to bootstrap")
+    human_splits: list[ShardSplit] = Field(["clean_train"], description="human-annotated pairs, copied as they are")
     out_dir: Path = Path("data/capfilt")
+    out_url: str | None = Field(
+        None,
+        description="object storage for the bootstrapped shards (s3://bucket/prefix): "
+        "each unit's shard is uploaded there, out_dir keeps the manifest; null = out_dir",
+    )
     work_dir: Path = Path("checkpoints/capfilt")
     use_captioner: bool = Field(True, description="add synthetic captions (ablation: false = filter only)")
     use_filter: bool = Field(True, description="drop pairs scored below the threshold (ablation: false = keep all)")
@@ -119,7 +124,7 @@ class CapfiltConfig(Section):
         "fixed", description="calibrated: from held-out pairs; top_fraction: a share of the web pairs (DataComp)"
     )
     threshold: float = Field(0.5, description="fixed rule: keep pairs scoring at or above this (paper: ITM 0.5)")
-    calibration_split: SplitName = Field("clean_val", description="held-out human pairs for the calibrated rule")
+    calibration_split: ShardSplit = Field("clean_val", description="held-out human pairs for the calibrated rule")
     calibration_keep: float = Field(0.9, gt=0, lt=1, description="calibrated: keep this share of held-out pairs")
     keep_fraction: float = Field(0.3, gt=0, le=1, description="top_fraction: keep this share of the web pairs, "
                                  "best scores first (DataComp's CLIP-score filter: 0.3)")  # fmt: skip

@@ -1,11 +1,12 @@
-"""Webdataset pipelines over the ingested shards.
+"""Webdataset pipelines over shards, wherever they live (`blip.data.locations`).
 
 Training streams resample shards forever (each rank and worker with its own deterministic seed); evaluation
 streams read every sample exactly once, shards split by rank, then by data-loader worker. A corrupt sample
-(bad image bytes, bad json) is skipped and counted: each batch carries `skipped`, the number of samples
-dropped since the previous batch, so the count survives worker processes. A training shard cut short (an
-interrupted copy) is logged and travels the same way (`truncated`: shard, samples read, reason); in an evaluation
-stream it is an error, since scores on part of a split would pass for scores on all of it.
+(bad image bytes, bad json, no caption) is skipped and counted: each batch carries `skipped`, the number of
+samples dropped since the previous batch, so the count survives worker processes. A training shard cut short (an
+interrupted copy) or missing (a remote object gone) is logged and travels the same way (`truncated`: shard,
+samples read, reason); in an evaluation stream it is an error, since scores on part of a split would pass for
+scores on all of it.
 
 Training streams are exactly resumable. Each worker's stream is a deterministic function of (seed, rank, worker);
 every sample gets its own random state (caption choice, augmentation) from its index in that stream; each batch
@@ -32,11 +33,12 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import get_worker_info
 
-from blip.data.shards import TruncatedShardError, read_shards
+from blip.data.shards import ShardReadError, read_shards
 
 log = logging.getLogger(__name__)
 Transform = Callable[[Image.Image], torch.Tensor]
 MAX_SKIPS_IN_A_ROW = 1000
+MAX_BAD_SHARDS_IN_A_ROW = 100
 TRUNCATED = "__truncated__"  # a marker in the sample stream: (shard, samples read, reason)
 
 
@@ -62,7 +64,7 @@ def _decode_one(sample: dict, kind: str, transform: Transform, train: bool, rng:
     return out
 
 
-def note_truncated(exc: TruncatedShardError) -> Iterator[dict]:
+def note_truncated(exc: ShardReadError) -> Iterator[dict]:
     log.warning("%s", exc)
     yield {TRUNCATED: (exc.shard, exc.samples, exc.reason)}
 
@@ -72,6 +74,9 @@ def decode_samples(src: Iterable[dict], kind: str, transform: Transform, train: 
     for sample in src:
         if TRUNCATED in sample:
             truncated.append(sample[TRUNCATED])
+            if len(truncated) >= MAX_BAD_SHARDS_IN_A_ROW:  # every shard missing or cut: the stream would spin
+                raise RuntimeError(f"{len(truncated)} shards in a row unreadable (last: {truncated[-1]}): wrong "
+                                   "shard locations or credentials?")  # fmt: skip
             continue
         seed = sample.get("__seed__", 0)
         try:
@@ -191,7 +196,7 @@ def train_pipeline(
 
     return wds.DataPipeline(
         wds.ResampledShards(urls, worker_seed=worker_seed, deterministic=True),
-        partial(read_shards, on_truncated=note_truncated),
+        partial(read_shards, on_error=note_truncated),
         numbered,
         partial(decode_samples, kind=kind, transform=transform, train=True),
         wds.batched(batch_size, collation_fn=collate, partial=False),

@@ -1,5 +1,6 @@
 """Webdataset shards: atomic writing (a shard is visible under its final name only once it is complete), and
-reading that notices a tar cut short.
+reading, wherever the shard lives (`blip.data.locations`), that notices a tar cut short and maps img2dataset
+samples (an image + a `txt` or `json` caption) to our record on the fly.
 
 Python's `tarfile` in stream mode (what webdataset reads with) ends quietly where a tar is cut: at a missing
 end-of-archive block, inside a header, or at garbage. `shard_samples` tells those apart from a real end and
@@ -18,7 +19,10 @@ from typing import BinaryIO
 
 import webdataset as wds
 
-from blip.files import atomic_path, not_found
+from blip.config.schema import MAX_WORDS
+from blip.data.locations import open_shard
+from blip.data.text import pre_caption
+from blip.files import atomic_path
 
 
 class ShardWriter:
@@ -63,10 +67,17 @@ class ShardWriter:
             self._finish_shard()
 
 
-class TruncatedShardError(ValueError):
-    def __init__(self, shard: str, samples: int, reason: str) -> None:
-        super().__init__(f"{shard}: {reason} after {samples} samples: the shard is truncated (an interrupted copy?)")
+class ShardReadError(ValueError):
+    """A shard that could not be read to its end: `samples` were read before `reason` stopped it."""
+
+    def __init__(self, shard: str, samples: int, reason: str, hint: str = "") -> None:
+        super().__init__(f"{shard}: {reason} after {samples} samples{hint}")
         self.shard, self.samples, self.reason = shard, samples, reason
+
+
+class TruncatedShardError(ShardReadError):
+    def __init__(self, shard: str, samples: int, reason: str) -> None:
+        super().__init__(shard, samples, reason, ": the shard is truncated (an interrupted copy?)")
 
 
 class _EndNotingTarInfo(tarfile.TarInfo):
@@ -108,42 +119,68 @@ def _members(stream: BinaryIO, url: str, ending: list[str]) -> Iterator[dict]:
         ending.append(READ_ERRORS.get(str(exc), f"unreadable tar ({exc})"))
 
 
-def shard_samples(url: str) -> Iterator[dict]:
-    """One shard's samples (members grouped by key, as webdataset does); a tar that ends early raises
-    `TruncatedShardError` once the samples before the cut are out."""
+def shard_samples(url: str, as_records: bool = True) -> Iterator[dict]:
+    """One shard's samples (members grouped by key, as webdataset does), img2dataset samples mapped to our record
+    unless `as_records` is false; a tar that ends early raises `TruncatedShardError` once the samples before the
+    cut are out, a missing one `ShardReadError`."""
     ending: list[str] = []
     samples = 0
-    with wds.gopen(url) as opened:  # local paths, and the URLs and pipe: commands webdataset opens
+    try:
+        opened = open_shard(url)
+    except FileNotFoundError as exc:
+        raise ShardReadError(url, 0, "not found") from exc
+    with opened:
         for sample in wds.tariterators.group_by_keys(_members(opened, url, ending)):
             samples += 1
-            yield sample
+            yield as_record(sample) if as_records else sample
     if ending:
         raise TruncatedShardError(url, samples, ending[0])
 
 
-def read_shards(src: Iterable[dict], on_truncated: Callable[[TruncatedShardError], Iterator[dict]] | None = None
+IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
+RECORD_KEYS = ("captions", "question", "sentence")  # what our pairs, VQA and NLVR2 records hold
+
+
+def as_record(sample: dict) -> dict:
+    """Our layout (`jpg` + `json` record) of an img2dataset sample (an image member, the caption in `txt` or in
+    the `json`'s "caption"), its caption cleaned as ingest cleans captions; our own samples pass unchanged."""
+    record = _json(sample)
+    if "txt" not in sample and any(key in record for key in RECORD_KEYS):
+        return sample
+    image = next((name for name in IMAGE_MEMBERS if name in sample), None)
+    caption = sample["txt"].decode("utf-8", errors="replace") if "txt" in sample else record.get("caption")
+    mapped = {"image_id": sample["__key__"], "origin": "web", "captions": []}
+    if isinstance(caption, str) and pre_caption(caption, MAX_WORDS):
+        mapped["captions"] = [pre_caption(caption, MAX_WORDS)]  # none: the decoder skips and counts the sample
+    if isinstance(record.get("url"), str):
+        mapped["url"] = record["url"]
+    out = {key: sample[key] for key in ("__key__", "__url__") if key in sample} | {"json": json.dumps(mapped).encode()}
+    if image is not None:  # without one the decoder skips and counts the sample
+        out["jpg"] = sample[image]
+    return out
+
+
+def _json(sample: dict) -> dict:
+    try:
+        record = json.loads(sample["json"]) if "json" in sample else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def read_shards(src: Iterable[dict], on_error: Callable[[ShardReadError], Iterator[dict]] | None = None
                 ) -> Iterator[dict]:  # fmt: skip
-    """Pipeline stage, {"url"} -> samples (webdataset's `tarfile_to_samples`, truncation noticed): a truncated
-    shard raises, or is passed to `on_truncated`, whose output joins the stream."""
+    """Pipeline stage, {"url"} -> samples (webdataset's `tarfile_to_samples`, truncation noticed): a shard cut
+    short or missing raises, or is passed to `on_error`, whose output joins the stream."""
     for source in src:
         try:
             yield from shard_samples(source["url"])
-        except TruncatedShardError as exc:
-            if on_truncated is None:
+        except ShardReadError as exc:
+            if on_error is None:
                 raise
-            yield from on_truncated(exc)
+            yield from on_error(exc)
 
 
-def shard_urls(folder: Path) -> list[str]:
-    """The complete shards of one split, in order (a `.partial` file is never listed)."""
-    if not folder.is_dir():
-        raise FileNotFoundError(not_found(folder, "shard folder") + ": run `blip ingest` first?")
-    urls = sorted(str(p) for p in folder.glob("shard-*.tar"))
-    if not urls:
-        raise FileNotFoundError(f"no shards in {folder}: run `blip ingest` first")
-    return urls
-
-
-def read_records(folder: Path) -> list[dict]:
-    """The json member (annotation record) of every sample of a split, in order, without decoding images."""
-    return [json.loads(sample["json"]) for url in shard_urls(folder) for sample in shard_samples(url)]
+def read_records(urls: list[str]) -> list[dict]:
+    """The json record of every sample of these shards, in order, without decoding images."""
+    return [json.loads(sample["json"]) for url in urls for sample in shard_samples(url)]

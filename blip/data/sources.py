@@ -23,7 +23,7 @@ from blip.config.schema import (
 )
 from blip.data import synthetic
 from blip.data.items import Item
-from blip.data.shards import TruncatedShardError, shard_samples
+from blip.data.shards import ShardReadError, TruncatedShardError, shard_samples
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -148,7 +148,7 @@ def folder(source: FolderSource) -> Iterator[Item | Skip]:
 def webdataset_shards(source: WebdatasetSource) -> Iterator[Item | Skip]:
     for shard in source.shards:
         try:
-            for sample in shard_samples(str(shard)):
+            for sample in shard_samples(str(shard), as_records=False):
                 ref = f"{shard}#{sample['__key__']}"
                 image_key = next((k for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
                 if image_key is None:
@@ -158,7 +158,7 @@ def webdataset_shards(source: WebdatasetSource) -> Iterator[Item | Skip]:
                 yield Item(source.split, "pairs", ref, {"jpg": sample[image_key]}, record)
         except TruncatedShardError as exc:  # what was read before the cut is kept; the cut is recorded
             yield Skip(source.split, str(shard), f"truncated shard: {exc.reason}", samples=exc.samples)
-        except (OSError, ValueError) as exc:
+        except (OSError, ShardReadError) as exc:
             yield Skip(source.split, str(shard), f"unreadable shard: {type(exc).__name__}: {exc}")
 
 

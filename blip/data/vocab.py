@@ -8,34 +8,28 @@ same tokenizer code loads it and adds `[DEC]` and `[ENC]` after the last piece. 
 from __future__ import annotations
 
 import itertools
-import json
-import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from tokenizers import BertWordPieceTokenizer
 
-from blip.data.shards import shard_urls
+from blip.data.shards import read_records
 from blip.files import atomic_write_text
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def split_texts(folder: Path) -> Iterator[str]:
-    """Every text a model will read or write in a split: captions, questions, answers, statements."""
-    for url in shard_urls(folder):
-        with tarfile.open(url) as tar:
-            for member in tar:
-                if member.name.endswith(".json"):
-                    record = json.loads(tar.extractfile(member).read())
-                    yield from record.get("captions", [])
-                    yield from (record[k] for k in ("question", "sentence") if k in record)
-                    yield from record.get("answers", [])
+def split_texts(urls: list[str]) -> Iterator[str]:
+    """Every text a model will read or write in these shards: captions, questions, answers, statements."""
+    for record in read_records(urls):
+        yield from record.get("captions", [])
+        yield from (record[k] for k in ("question", "sentence") if k in record)
+        yield from record.get("answers", [])
 
 
-def train_vocab(folders: list[Path], size: int, out: Path, extra_texts: list[str]) -> Path:
+def train_vocab(urls: list[str], size: int, out: Path, extra_texts: list[str]) -> Path:
     tokenizer = BertWordPieceTokenizer(lowercase=True)
-    texts = itertools.chain(extra_texts, (text for folder in folders for text in split_texts(folder)))
+    texts = itertools.chain(extra_texts, split_texts(urls))
     tokenizer.train_from_iterator(texts, vocab_size=size, min_frequency=1, special_tokens=SPECIAL,
                                   show_progress=False)  # fmt: skip
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from statistics import mean
 
 import torch
@@ -14,7 +13,7 @@ from transformers import PreTrainedTokenizer
 
 from blip.config import ConfigError
 from blip.data.loader import eval_pipeline, make_loader
-from blip.data.shards import read_records, shard_urls
+from blip.data.shards import read_records
 from blip.data.transforms import eval_transform
 from blip.eval.vqa_accuracy import normalize_answer, question_score, scoring
 from blip.models.generation import GenerationConfig
@@ -33,8 +32,8 @@ def question_type(question: str) -> str:
     return " ".join(question.lower().split()[:2])
 
 
-def read_questions(shard_dir: Path) -> list[Question]:
-    return [Question(r["question_id"], r["question"], r["answers"]) for r in read_records(shard_dir)]
+def read_questions(urls: list[str]) -> list[Question]:
+    return [Question(r["question_id"], r["question"], r["answers"]) for r in read_records(urls)]
 
 
 def answer_list(train: list[Question]) -> list[str]:
@@ -84,7 +83,7 @@ def baselines(train: list[Question], test: list[Question]) -> dict[str, float]:
 @torch.no_grad()
 def answer_split(
     model: BlipVQA,
-    shard_dir: Path,
+    urls: list[str],
     tokenizer: PreTrainedTokenizer,
     image_size: int,
     max_length: int,
@@ -100,7 +99,7 @@ def answer_split(
     model.eval()
     answer_tokens = tokenizer(answers, padding="longest", return_tensors="pt").to(device)
     predictions: dict[int, str] = {}
-    for batch in make_loader(eval_pipeline(shard_urls(shard_dir), "vqa", eval_transform(image_size), 64), 0):
+    for batch in make_loader(eval_pipeline(urls, "vqa", eval_transform(image_size), 64), 0):
         keep = min(len(batch["key"]), max_questions - len(predictions))
         if keep <= 0 or "image" not in batch:
             break

@@ -10,7 +10,6 @@ from matplotlib.figure import Figure
 from transformers import PreTrainedTokenizer
 
 from blip.data.loader import eval_pipeline, make_loader
-from blip.data.shards import shard_urls
 from blip.data.transforms import CLIP_MEAN, CLIP_STD, eval_transform
 from blip.models.caption import BlipCaptioner
 from blip.models.generation import GenerationConfig
@@ -19,7 +18,7 @@ from blip.models.generation import GenerationConfig
 @torch.no_grad()
 def caption_split(
     model: BlipCaptioner,
-    shard_dir: Path,
+    urls: list[str],
     tokenizer: PreTrainedTokenizer,
     image_size: int,
     max_images: int,
@@ -32,7 +31,7 @@ def caption_split(
     predictions: dict[str, str] = {}
     references: dict[str, list[str]] = {}
     pixels: dict[str, torch.Tensor] = {}
-    for batch in make_loader(eval_pipeline(shard_urls(shard_dir), "pairs", eval_transform(image_size), 32), 0):
+    for batch in make_loader(eval_pipeline(urls, "pairs", eval_transform(image_size), 32), 0):
         keep = min(len(batch["key"]), max_images - len(predictions))
         if keep <= 0 or "image" not in batch:
             break

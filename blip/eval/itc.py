@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from transformers import PreTrainedTokenizer
 
@@ -26,7 +24,7 @@ def recall_at_1(similarity: torch.Tensor, text_image: torch.Tensor) -> dict[str,
 @torch.no_grad()
 def itc_recall(
     model: DualEncoder,
-    shard_dir: Path,
+    urls: list[str],
     tokenizer: PreTrainedTokenizer,
     image_size: int,
     max_images: int,
@@ -34,7 +32,7 @@ def itc_recall(
     device: torch.device,
 ) -> dict[str, float]:
     """R@1 both ways over the first `max_images` images of a split and all their captions."""
-    split = load_pair_split(shard_dir, image_size, max_images)
+    split = load_pair_split(urls, image_size, max_images)
     texts = split.texts
     was_training = model.training
     model.eval()

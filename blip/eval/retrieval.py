@@ -13,13 +13,11 @@ ITM passes, the expensive part); the slices are gathered so that every rank hold
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizer
 
 from blip.data.loader import eval_pipeline, make_loader
-from blip.data.shards import shard_urls
 from blip.data.transforms import eval_transform
 from blip.distributed import gather_objects, rank_slice
 from blip.models.contrastive import DualEncoder
@@ -114,13 +112,13 @@ class PairSplit:
     scenes: list[dict | None]  # the synthetic world's truth per image, for measuring only (None elsewhere)
 
 
-def load_pair_split(shard_dir: Path, image_size: int, max_images: int) -> PairSplit:
+def load_pair_split(urls: list[str], image_size: int, max_images: int) -> PairSplit:
     images: list[torch.Tensor] = []
     image_ids: list[str] = []
     texts: list[str] = []
     text_image: list[int] = []
     scenes: list[dict | None] = []
-    for batch in make_loader(eval_pipeline(shard_urls(shard_dir), "pairs", eval_transform(image_size), 64), 0):
+    for batch in make_loader(eval_pipeline(urls, "pairs", eval_transform(image_size), 64), 0):
         for image, record, captions in zip(batch.get("image", []), batch["record"], batch["text"], strict=False):
             if len(images) == max_images:
                 break
@@ -130,7 +128,8 @@ def load_pair_split(shard_dir: Path, image_size: int, max_images: int) -> PairSp
             image_ids.append(record["image_id"])
             scenes.append(record.get("world", {}).get("scene"))
     if len(images) < 2:
-        raise ValueError(f"{shard_dir}: retrieval needs at least 2 images, found {len(images)}")
+        where = urls[0] + (f" and {len(urls) - 1} more shards" if len(urls) > 1 else "")
+        raise ValueError(f"{where}: retrieval needs at least 2 images, found {len(images)}")
     return PairSplit(torch.stack(images), image_ids, texts, torch.tensor(text_image), scenes)
 
 

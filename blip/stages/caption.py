@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from blip.config.tasks import CaptionFinetuneConfig
+from blip.data.locations import split_urls
 from blip.data.shards import read_records
 from blip.eval.caption_metrics import caption_scores, spice_unavailable_reason
 from blip.eval.captioning import caption_gallery, caption_split
@@ -26,7 +27,7 @@ from blip.training.loop import Trainer
 
 
 def most_frequent_caption(shard_root: Path, splits: list[str]) -> str:
-    counts = Counter(c for split in splits for r in read_records(shard_root / split) for c in r["captions"])
+    counts = Counter(c for split in splits for r in read_records(split_urls(shard_root, split)) for c in r["captions"])
     return counts.most_common(1)[0][0]
 
 
@@ -45,7 +46,7 @@ class Captioning(Recipe):
         cfg, params = self.cfg, self.params
         generation = GenerationConfig("beam", cfg.num_beams, cfg.max_length, cfg.min_length)
         predictions, references, pixels = caption_split(
-            trainer.model, params.data.shard_root / cfg.eval_split, self.tokenizer, params.model.image_size,
+            trainer.model, split_urls(params.data.shard_root, cfg.eval_split), self.tokenizer, params.model.image_size,
             cfg.eval_images, generation, self.ctx.device,
         )  # fmt: skip
         scores = caption_scores(predictions, references)

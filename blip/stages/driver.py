@@ -23,8 +23,8 @@ from transformers import PreTrainedTokenizer
 
 from blip.config import ConfigError, Params
 from blip.config.schema import AugmentConfig, TrainConfig
+from blip.data import locations
 from blip.data.loader import make_loader, train_pipeline
-from blip.data.shards import shard_urls
 from blip.data.tokenizer import load_tokenizer
 from blip.data.transforms import train_transform
 from blip.distributed import DistContext, setup, teardown
@@ -98,8 +98,9 @@ def run_fingerprint(params: Params, cfg: TrainConfig) -> str:
     for section in (params.model, params.data, params.tokenizer):
         digest.update(section.model_dump_json().encode())
     root = cfg.shard_root or params.data.shard_root
-    files = [Path(url) for split in cfg.splits for url in shard_urls(root / split)]
-    files += [Path(params.tokenizer.name)]
+    urls = [url for split in cfg.splits for url in locations.split_urls(root, split)]
+    digest.update(str(locations.describe(url for url in urls if not locations.is_local(url))).encode())  # versions
+    files = [Path(url) for url in urls if locations.is_local(url)] + [Path(params.tokenizer.name)]
     if isinstance(init := getattr(cfg, "init", None), Path):  # a fine-tune's initial weights (file or folder)
         files.append(init)
     for path in files:
@@ -138,7 +139,7 @@ def training_batches(recipe: Recipe, trainer: Trainer) -> wds.WebLoader:
     """The resumable training stream of the recipe's samples, continuing from the trainer's position."""
     params, cfg = recipe.params, recipe.cfg
     root = cfg.shard_root or params.data.shard_root
-    urls = [url for split in cfg.splits for url in shard_urls(root / split)]
+    urls = [url for split in cfg.splits for url in locations.split_urls(root, split)]
     transform = train_transform(params.model.image_size, recipe.augment())
     pipeline = train_pipeline(urls, recipe.kind, transform, per_rank_batch(recipe.name, cfg, trainer.ctx),
                               seed=cfg.seed, rank=trainer.ctx.rank, shuffle_buffer=params.data.shuffle_buffer,

@@ -16,7 +16,8 @@ from torch import nn
 
 from blip.config.tasks import NlvrFinetuneConfig
 from blip.data.loader import eval_pipeline, make_loader
-from blip.data.shards import read_records, shard_urls
+from blip.data.locations import split_urls
+from blip.data.shards import read_records
 from blip.data.transforms import eval_transform
 from blip.models.nlvr import BlipNLVR
 from blip.stages.driver import Recipe, Results, stage_main
@@ -49,7 +50,7 @@ class Nlvr(Recipe):
         was_training = model.training
         model.eval()
         predictions, truth = {}, {}
-        shards = shard_urls(self.params.data.shard_root / self.cfg.eval_split)
+        shards = split_urls(self.params.data.shard_root, self.cfg.eval_split)
         for batch in make_loader(eval_pipeline(shards, "nlvr", eval_transform(self.params.model.image_size), 64), 0):
             if "image" not in batch:
                 continue
@@ -65,7 +66,8 @@ class Nlvr(Recipe):
     def evaluate(self, trainer: Trainer) -> Results:
         predictions, truth = self.predict(trainer.model)
         root = self.params.data.shard_root
-        majority = Counter(bool(r["label"]) for s in self.cfg.splits for r in read_records(root / s)).most_common(1)
+        labels = [bool(r["label"]) for s in self.cfg.splits for r in read_records(split_urls(root, s))]
+        majority = Counter(labels).most_common(1)
         metrics = {"accuracy": accuracy(predictions, truth),
                    "majority_label_accuracy": accuracy(dict.fromkeys(truth, majority[0][0]), truth),
                    "pairs": float(len(truth))}  # fmt: skip

@@ -17,6 +17,7 @@ from torch import nn
 
 from blip.config.schema import AugmentConfig, PretrainConfig
 from blip.data.items import image_id_numbers
+from blip.data.locations import split_urls
 from blip.eval.itc import itc_recall
 from blip.models.contrastive import ramped_alpha
 from blip.stages.common import parse_stage_args, stage_parser
@@ -61,7 +62,7 @@ class Pretraining(Recipe):
         metrics = {k: v for k, v in trainer.history[-1].items() if k != "samples_per_s"} if trainer.history else {}
         if self.cfg.eval_split:
             params = self.params
-            recall = itc_recall(trainer.model, params.data.shard_root / self.cfg.eval_split, self.tokenizer,
+            recall = itc_recall(trainer.model, split_urls(params.data.shard_root, self.cfg.eval_split), self.tokenizer,
                                 params.model.image_size, self.cfg.eval_images, params.tokenizer.max_length,
                                 self.ctx.device)  # fmt: skip
             metrics |= {f"eval_{k}": v for k, v in recall.items()}

@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizer
 from blip.config import Params
 from blip.config.tasks import RetrievalEvalConfig, RetrievalFinetuneConfig
 from blip.data.items import image_id_numbers
+from blip.data.locations import split_urls
 from blip.distributed import DistContext, setup, teardown
 from blip.eval.retrieval import evaluate_retrieval, load_pair_split, recall_at_k
 from blip.eval.world import semantic_recall_at_1
@@ -38,7 +39,7 @@ def evaluate(
 ) -> Results:  # fmt: skip
     """Every rank takes part; rank 0's Results hold BLIP's numbers (ITM re-ranked) at the top level, ITC-only
     under `itc_`, and the recall@K plot."""
-    split = load_pair_split(params.data.shard_root / cfg.split, params.model.image_size, cfg.images)
+    split = load_pair_split(split_urls(params.data.shard_root, cfg.split), params.model.image_size, cfg.images)
     rankings = evaluate_retrieval(model, split, tokenizer, params.tokenizer.max_length, cfg.k_test, cfg.itc_chunk,
                                   cfg.itm_batch, ctx.device)  # fmt: skip
     if not ctx.is_main:

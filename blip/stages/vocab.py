@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from blip.data.locations import split_urls
 from blip.data.tokenizer import load_tokenizer
 from blip.data.vocab import train_vocab
 from blip.stages.common import parse_stage_args, stage_parser, write_metrics
@@ -15,7 +16,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = params.vocab
     description = f"WordPiece vocabulary of {cfg.size} tokens fitted to {', '.join(cfg.splits)}"
     with stage_run("vocab", params, ("vocab",), description) as run:
-        path = train_vocab([params.data.shard_root / s for s in cfg.splits], cfg.size, cfg.out, cfg.extra_texts)
+        urls = [url for split in cfg.splits for url in split_urls(params.data.shard_root, split)]
+        path = train_vocab(urls, cfg.size, cfg.out, cfg.extra_texts)
         size = len(load_tokenizer(str(path)))
         metrics = {"vocab_size": size}
         run.log_metrics(metrics)

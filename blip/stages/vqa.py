@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from blip.config.tasks import VqaFinetuneConfig
+from blip.data.locations import split_urls
 from blip.eval.answering import accuracy, answer_list, answer_split, baselines, read_questions, split_scoring
 from blip.models.vqa import ANSWER_GENERATION
 from blip.stages.driver import Recipe, Results, stage_main
@@ -44,7 +45,7 @@ class QuestionAnswering(Recipe):
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
-        split = self.params.data.shard_root / self.cfg.eval_split
+        split = split_urls(self.params.data.shard_root, self.cfg.eval_split)
         split_scoring(read_questions(split), self.cfg.eval_split)  # an unscorable split fails before training
 
     def build_args(self) -> dict[str, Any]:
@@ -62,8 +63,8 @@ class QuestionAnswering(Recipe):
 
     def evaluate(self, trainer: Trainer) -> Results:
         cfg, root = self.cfg, self.params.data.shard_root
-        train = [q for split in cfg.splits for q in read_questions(root / split)]
-        test = read_questions(root / cfg.eval_split)[: cfg.eval_questions]
+        train = [q for split in cfg.splits for q in read_questions(split_urls(root, split))]
+        test = read_questions(split_urls(root, cfg.eval_split))[: cfg.eval_questions]
         # The dataset's answer list (ingest writes it beside the shards, as VQA ships one), else the training answers.
         listed = root / cfg.eval_split / "answer_list.json"
         answers = json.loads(listed.read_text()) if listed.is_file() else answer_list(train)
@@ -74,7 +75,7 @@ class QuestionAnswering(Recipe):
         reports.mkdir(parents=True, exist_ok=True)
         files = []
         for mode in cfg.inference:
-            predictions = answer_split(trainer.model, root / cfg.eval_split, self.tokenizer,
+            predictions = answer_split(trainer.model, split_urls(root, cfg.eval_split), self.tokenizer,
                                        self.params.model.image_size, self.params.tokenizer.max_length, answers, mode,
                                        cfg.k_test, replace(ANSWER_GENERATION, max_length=cfg.answer_max_length),
                                        len(test), self.ctx.device)  # fmt: skip

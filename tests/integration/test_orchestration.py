@@ -38,7 +38,8 @@ pytestmark = pytest.mark.slow
 TASKS = ("retrieval-zeroshot", "retrieval-finetune", "caption-finetune", "vqa-finetune", "nlvr-finetune")
 TRACKED = ("ingest", "vocab", "pretrain", "capfilt", "repretrain",
            *(f"{task}@{model}" for task in TASKS for model in ("pretrain", "capfilt")))  # fmt: skip
-STAGES = (*TRACKED, "summary")  # `blip summary` only gathers metrics files: no MLflow run
+# No MLflow run: `blip summary` only gathers metrics files; `blip sources` finds no remote location to record here.
+STAGES = (*TRACKED, "sources", "summary")
 TASK_METRICS = tuple(f"{name}{suffix}" for name in ("retrieval_zeroshot", "retrieval", "caption", "vqa", "nlvr")
                      for suffix in ("", "_capfilt"))  # fmt: skip
 REGISTERED = ("blip-captioner", "blip-retrieval", "blip-vqa", "blip-nlvr")

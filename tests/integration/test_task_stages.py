@@ -16,6 +16,7 @@ import pytest
 
 from blip.cli import main as blip_main
 from blip.config import load_params
+from blip.data.locations import shard_urls
 from blip.data.shards import read_records
 from blip.data.tokenizer import load_tokenizer
 from blip.models.checkpoint import save_weights
@@ -112,7 +113,7 @@ def capfilt_args(project: Path, weights: dict, out: Path, **extra: object) -> li
 
 
 def pairs(folder: Path) -> list[tuple[str, str, str]]:
-    return sorted((r["image_id"], r["origin"], "|".join(r["captions"])) for r in read_records(folder))
+    return sorted((r["image_id"], r["origin"], "|".join(r["captions"])) for r in read_records(shard_urls(folder)))
 
 
 def test_capfilt_keeps_by_threshold_and_marks_origins(project: Path, weights: dict, here: Path) -> None:
@@ -120,7 +121,7 @@ def test_capfilt_keeps_by_threshold_and_marks_origins(project: Path, weights: di
 
     assert main(capfilt_args(project, weights, here)) == 0
     metrics = json.loads(Path("metrics/capfilt.json").read_text())
-    records = read_records(here / "capfilt/bootstrapped")
+    records = read_records(shard_urls(here / "capfilt/bootstrapped"))
     origins = Counter(r["origin"] for r in records)
     assert set(origins) == {"web", "synthetic", "human"}
     assert origins["human"] == metrics["human_total"] == 40  # clean_train copied whole, all captions kept
@@ -144,7 +145,8 @@ def test_capfilt_top_fraction_keeps_that_share_of_the_web_pairs(project: Path, w
     assert main(capfilt_args(project, weights, here, **datacomp)) == 0
     metrics = json.loads(Path("metrics/capfilt.json").read_text())
     assert metrics["web_total"] == 200 and metrics["web_kept"] == 50 and metrics["synthetic_total"] == 0
-    kept = [r["capfilt"]["itc"] for r in read_records(here / "capfilt/bootstrapped") if r["origin"] == "web"]
+    records = read_records(shard_urls(here / "capfilt/bootstrapped"))
+    kept = [r["capfilt"]["itc"] for r in records if r["origin"] == "web"]
     assert len(kept) == 50 and min(kept) >= metrics["threshold"]
 
 

@@ -81,15 +81,16 @@ def test_what_the_flow_runs_show() -> None:
 
 def test_stage_order_is_dvcs() -> None:
     order = stage_order()
-    assert len(order) == len(set(order)) == 16 and order[:3] == ["ingest", "vocab", "pretrain"]
+    assert len(order) == len(set(order)) == 17 and set(order[:2]) == {"ingest", "sources"}
+    assert order[2:4] == ["vocab", "pretrain"]
     assert order[-1] == "summary"  # it gathers every task's metrics
     before = lambda a, b: order.index(a) < order.index(b)  # noqa: E731
     assert before("caption-finetune@pretrain", "capfilt") and before("retrieval-finetune@pretrain", "capfilt")
     assert before("capfilt", "repretrain")
     assert all(before("repretrain", s) for s in order if s.endswith("@capfilt"))
     needed = stage_order(["capfilt"])
-    assert set(needed) == {"ingest", "vocab", "pretrain", "caption-finetune@pretrain", "retrieval-finetune@pretrain",
-                           "capfilt"} and needed[-1] == "capfilt"  # fmt: skip
+    assert set(needed) == {"ingest", "sources", "vocab", "pretrain", "caption-finetune@pretrain",
+                           "retrieval-finetune@pretrain", "capfilt"} and needed[-1] == "capfilt"  # fmt: skip
 
 
 def _gone(pid: int, within_s: float = 5.0) -> bool:

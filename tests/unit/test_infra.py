@@ -68,7 +68,8 @@ def template() -> dict[str, Any]:
 def project_pins(extra: str | None = None) -> dict[str, str]:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     deps = project["optional-dependencies"][extra] if extra else project["dependencies"]
-    return dict(dep.split("==", 1) for dep in deps if "==" in dep)
+    pins = (dep.split("==", 1) for dep in deps if "==" in dep)
+    return {name.split("[")[0]: version for name, version in pins}  # moto[server] is pinned as moto
 
 
 def lock_pins() -> dict[str, str]:

@@ -18,7 +18,7 @@ from blip.data.ingest import MANIFEST, ingest
 from blip.data.sources import SourceError
 from blip.data.text import pre_caption, pre_question
 from blip.stages.ingest import main as ingest_main
-from tests.conftest import write_params
+from tests.conftest import SMALL_WORLD, write_params
 
 MEMBER = re.compile(r"^\d{9}\.(jpg|json|left\.jpg|right\.jpg)$")
 
@@ -218,6 +218,35 @@ def test_folder_with_caption_sidecars(tmp_path: Path) -> None:
     (sample,) = read_split(tmp_path / "out", "mine")
     assert sample["json"]["captions"] == ["first caption", "second caption"]
     assert sample["json"]["image_id"] == "x/one.png" and sample["json"]["origin"] == "web"
+
+
+def test_workers_write_the_shards_of_one_worker_byte_for_byte(tmp_path: Path, coco: tuple[Path, Path]) -> None:
+    train, _ = coco
+    shards = []
+    for shard in range(3):  # img2dataset-style shards: each one a task a worker reads itself
+        shards.append(str(tmp_path / f"web-{shard}.tar"))
+        with wds.TarWriter(shards[-1]) as sink:
+            for i in range(5):
+                image = io.BytesIO()
+                Image.new("RGB", (16, 16), (shard * 40, i * 40, 9)).save(image, "PNG" if i % 2 else "JPEG")
+                sink.write({"__key__": f"{i}", "png" if i % 2 else "jpg": image.getvalue(), "txt": f"Web {shard} {i}"})
+    sources = [{"format": "coco_karpathy", "split": "coco_train", "annotations": str(train),
+                "image_root": str(tmp_path / "images")}, {"format": "synthetic"},
+               {"format": "webdataset", "split": "web_x", "shards": shards}]  # fmt: skip
+
+    def run(name: str, workers: int) -> dict:
+        (tmp_path / name).mkdir()
+        ingest_section = {"out_dir": str(tmp_path / name / "out"), "samples_per_shard": 7, "sources": sources,
+                          "workers": workers}  # fmt: skip
+        return ingest(load_params(write_params(tmp_path / name, ingest=ingest_section, world=SMALL_WORLD)), False)
+
+    one, two = run("one", 1), run("two", 2)
+    assert one == two and one["skipped"]["total"] == 7  # the same manifest: content hash, counts, skip reasons
+    assert one["splits"]["web_x"]["samples"] == 15
+    files = sorted(p.relative_to(tmp_path / "one/out") for p in (tmp_path / "one/out").rglob("*.tar"))
+    assert len(files) > 10 and files == sorted(p.relative_to(tmp_path / "two/out")
+                                               for p in (tmp_path / "two/out").rglob("*.tar"))  # fmt: skip
+    assert all((tmp_path / "one/out" / f).read_bytes() == (tmp_path / "two/out" / f).read_bytes() for f in files)
 
 
 def test_existing_webdataset_shards(tmp_path: Path) -> None:

@@ -16,7 +16,8 @@ from PIL import Image
 
 from blip.config.schema import AugmentConfig
 from blip.data.loader import eval_pipeline, make_loader, train_pipeline
-from blip.data.shards import ShardWriter, shard_urls
+from blip.data.locations import shard_urls
+from blip.data.shards import ShardWriter
 from blip.data.transforms import CLIP_MEAN, CLIP_STD, RandomAugment, eval_transform, train_transform
 
 EVAL = eval_transform(32)
