@@ -5,6 +5,7 @@ writing its output there, and DVC noticing a changed source without copying it."
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import subprocess
@@ -19,7 +20,7 @@ import webdataset as wds
 import yaml
 from PIL import Image
 
-from blip.data.loader import eval_pipeline
+from blip.data.loader import eval_pipeline, train_pipeline
 from blip.data.locations import describe, expand, shard_urls
 from blip.data.shards import ShardReadError, TruncatedShardError, read_records, shard_samples
 from blip.data.transforms import eval_transform
@@ -113,6 +114,14 @@ def test_img2dataset_shards_stream_from_s3_and_bad_remote_input_is_named(s3: dic
         list(shard_samples(f"s3://{BUCKET}/cut/00000.tar"))
     with pytest.raises(ShardReadError, match=r"s3://shards/laion/00007\.tar: not found after 0 samples"):
         list(shard_samples(f"s3://{BUCKET}/laion/00007.tar"))
+    # In training a missing or cut shard is noted and counted, the stream goes on; wholly unreadable, it stops.
+    urls = [*expand(pattern), f"s3://{BUCKET}/laion/00007.tar", f"s3://{BUCKET}/cut/00000.tar"]
+    batches = itertools.islice(iter(train_pipeline(urls, "pairs", eval_transform(32), 4, shuffle_buffer=4)), 12)
+    noted = {(url, reason) for batch in batches for url, _, reason in batch["truncated"]}
+    assert (f"s3://{BUCKET}/laion/00007.tar", "not found") in noted
+    assert any(url == f"s3://{BUCKET}/cut/00000.tar" and reason.startswith("ends mid-") for url, reason in noted)
+    with pytest.raises(RuntimeError, match=r"100 shards in a row unreadable .*wrong shard locations or credentials"):
+        next(iter(train_pipeline([f"s3://{BUCKET}/laion/00007.tar"], "pairs", eval_transform(32), 4)))
     with pytest.raises(FileNotFoundError, match=r"1 of 3 shards not found: s3://shards/laion/00002\.tar"):
         describe(expand(f"s3://{BUCKET}/laion/{{00000..00002}}.tar"))
     with pytest.raises(PermissionError, match=r"access denied to shard s3://private/a\.tar"):
