@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import random
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -71,10 +72,10 @@ def s3_copies(shards: list[Path]) -> tuple[object, list[str]]:
     """moto's S3 server on a free port with the shards uploaded; the server and their s3:// URLs."""
     from moto.server import ThreadedMotoServer
 
-    from tests.integration.servers import free_port
-
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    port = free_port()
+    with socket.socket() as probe:  # a free port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",

@@ -41,6 +41,11 @@ def test_ablation_runs_on_dvc_experiments_as_written(clone: tuple[Path, dict[str
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     status = subprocess.run(["dvc", "queue", "status"], cwd=copy, env=env, capture_output=True, text=True).stdout
     assert status.count("Success") == 4 and "Failed" not in status, status
+    # The arms of a seed share its first pretraining and fine-tunes through DVC's run cache: each ran once.
+    logs = "".join(subprocess.run(["dvc", "queue", "logs", line.split()[1]], cwd=copy, env=env, capture_output=True,
+                                  text=True).stdout for line in status.splitlines() if "Success" in line)  # fmt: skip
+    for stage in ("pretrain", "retrieval-finetune@pretrain", "caption-finetune@pretrain", "repretrain"):
+        assert logs.count(f"Running stage '{stage}'") == (1 if stage != "repretrain" else 4), stage
 
     # DVC's own record: four experiments, one per arm, each with its arm's params and metrics.
     shown = json.loads((copy / "experiments.json").read_text())
