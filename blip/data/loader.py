@@ -60,6 +60,8 @@ def _decode_one(sample: dict, kind: str, transform: Transform, train: bool, rng:
     if kind == "vqa":
         out["text"] = record["question"]
     else:  # one random caption per step in training; all of them in evaluation
+        if not record["captions"]:  # a web sample without a usable caption (or an unreadable record)
+            raise ValueError("no caption")
         out["text"] = rng.choice(record["captions"]) if train else record["captions"]
     return out
 

@@ -99,6 +99,15 @@ def test_img2dataset_shards_stream_from_s3_and_bad_remote_input_is_named(s3: dic
     images = [image for batch in batches for image in batch["image"]]
     assert len(images) == 10 and all(image.shape == (3, 32, 32) for image in images)  # png and jpg members decode
     assert sum(batch["skipped"] for batch in batches) == 0
+    fs, _ = fsspec.core.url_to_fs(f"s3://{BUCKET}")  # no caption, no image, an empty caption: skipped and counted
+    with fs.open(f"{BUCKET}/bad/00000.tar", "wb") as handle, wds.TarWriter(handle) as tar:
+        tar.write({"__key__": "a", "jpg": jpeg((1, 2, 3))})
+        tar.write({"__key__": "b", "txt": "a caption without an image"})
+        tar.write({"__key__": "c", "jpg": jpeg((1, 2, 3)), "txt": "!!!"})
+        tar.write({"__key__": "d", "jpg": jpeg((1, 2, 3)), "txt": "the one good sample"})
+    batches = list(eval_pipeline([f"s3://{BUCKET}/bad/00000.tar"], "pairs", eval_transform(32), 4))
+    assert [b["text"] for b in batches if b["key"]] == [[["the one good sample"]]]
+    assert sum(batch["skipped"] for batch in batches) == 3
 
     listed = describe(expand(pattern))
     assert [s["size"] for s in listed] == [(tmp_path / f"0000{i}.tar").stat().st_size for i in (0, 1)]
@@ -106,7 +115,6 @@ def test_img2dataset_shards_stream_from_s3_and_bad_remote_input_is_named(s3: dic
     assert describe(expand(pattern))[1]["version"] != listed[1]["version"]  # a replaced shard: a new ETag
 
     whole = (tmp_path / "00000.tar").read_bytes()
-    fs, _ = fsspec.core.url_to_fs(f"s3://{BUCKET}")
     fs.pipe_file(f"{BUCKET}/cut/00000.tar", whole[: len(whole) // 2])
     with pytest.raises(
         TruncatedShardError, match=r"s3://shards/cut/00000\.tar: ends mid-(member|header) after [0-4] samples"

@@ -145,7 +145,7 @@ def test_prefect_deployment_runs_the_pipeline_retries_registers_serves_then_skip
         # Every stage ran as a subflow; the killed one was retried by its task (and resumed).
         stages = subflows(env, first)
         assert sorted(stages) == sorted(STAGES)
-        # `sources` runs every time; its listing (no remote location) is the one committed: nothing new, "Skipped".
+        # `sources` runs every time; its listing (no remote location) is the one dvc.lock holds: nothing new, "Skipped".
         states = {name: flow["state_name"] for name, flow in stages.items()}
         assert {name for name, state in states.items() if state != "Completed"} == {"sources"}
         assert states["sources"] == "Skipped"
