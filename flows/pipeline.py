@@ -266,7 +266,8 @@ def stale_stages(targets: list[str] | None = None) -> set[str]:
     from dvc.repo import Repo
 
     with Repo(str(PROJECT)) as repo:
-        return set(repo.status(targets=targets, with_deps=bool(targets))) - always_changed()
+        always = {stage.addressing for stage in repo.index.stages if stage.always_changed}
+        return set(repo.status(targets=targets, with_deps=bool(targets))) - always
 
 
 def always_changed() -> set[str]:
@@ -344,14 +345,14 @@ def _pipeline_run_name() -> str:  # Prefect calls it when the run starts; a sche
 def pipeline(targets: list[str] | None = None, promote_models: bool = True) -> list[str]:
     """Every stage (or those `targets` need) in DVC's order, one `stage` flow each, then promotion and a summary
     artifact. Returns the stages that ran (the rest DVC found up to date)."""
-    order, stale = stage_order(targets), stale_stages(targets)
+    order, stale, always = stage_order(targets), stale_stages(targets), always_changed()
     parent, reports, status = ParentRun(), [], "FAILED"
     try:
         for name in order:
             if name in stale:  # what runs is stale now or after a stale stage: the parent is open before any runs
                 parent.start()
             reports.append(stage(name, single_item=True, parent_run_id=parent.run_id))
-            if reports[-1].ran and name in always_changed():  # new outputs (a changed source): their readers are stale
+            if reports[-1].ran and name in always:  # new outputs (a changed source): their readers are stale
                 stale |= stale_stages(targets)
         if promote_models:
             promote(parent.run_id)

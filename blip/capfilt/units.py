@@ -88,9 +88,10 @@ def commit(cfg: CapfiltConfig, stats: UnitStats) -> None:
     """The unit's commit mark, written after its shard (uploaded first, with `out_url`)."""
     unit = Unit(stats.unit, stats.source, False)
     if cfg.out_url:
+        shard = unit_shard(cfg, unit)
         fs, path = url_to_fs(unit_url(cfg, unit))
-        fs.put_file(str(unit_shard(cfg, unit)), path)
-        unit_shard(cfg, unit).unlink()
+        fs.put_file(str(shard), path)
+        shard.unlink()
     atomic_write_text(unit_stats_path(cfg, unit), json.dumps(asdict(stats)))
 
 
@@ -102,7 +103,7 @@ def fingerprint(params: Params, threshold: float, units: list[Unit]) -> str:
     """Everything a unit's output depends on: a changed one invalidates the finished units."""
     digest = hashlib.sha256(params.capfilt.model_dump_json().encode())
     digest.update(f"{threshold!r}{params.tokenizer.max_length}".encode())
-    digest.update(str(locations.describe(unit.url for unit in units if not locations.is_local(unit.url))).encode())
+    digest.update(locations.remote_versions(unit.url for unit in units))
     local = (Path(unit.url) for unit in units if locations.is_local(unit.url))
     for path in (params.capfilt.captioner, params.capfilt.filter, *local):
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]  # a transformers folder

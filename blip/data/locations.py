@@ -81,6 +81,12 @@ def open_shard(url: str) -> BinaryIO:
         raise PermissionError(f"access denied to shard {url} (credentials or bucket policy): {exc}") from exc
 
 
+def remote_versions(urls: Iterable[str]) -> bytes:
+    """The sizes and versions of the shards among `urls` that are not local files, for a fingerprint's digest
+    (local files are hashed by their callers, from their bytes)."""
+    return str(describe(url for url in urls if not is_local(url))).encode()
+
+
 def describe(urls: Iterable[str]) -> list[dict]:
     """Size and version (S3's ETag or version id; a local file's modification time) of each shard, listing each
     parent folder once rather than asking per shard. A missing shard is an error naming the missing ones."""

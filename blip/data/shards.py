@@ -149,9 +149,9 @@ def as_record(sample: dict) -> dict:
         return sample
     image = next((name for name in IMAGE_MEMBERS if name in sample), None)
     caption = sample["txt"].decode("utf-8", errors="replace") if "txt" in sample else record.get("caption")
-    mapped = {"image_id": sample["__key__"], "origin": "web", "captions": []}
-    if isinstance(caption, str) and pre_caption(caption, MAX_WORDS):
-        mapped["captions"] = [pre_caption(caption, MAX_WORDS)]  # none: the decoder skips and counts the sample
+    cleaned = pre_caption(caption, MAX_WORDS) if isinstance(caption, str) else ""
+    # No caption left: the decoder skips and counts the sample.
+    mapped = {"image_id": sample["__key__"], "origin": "web", "captions": [cleaned] if cleaned else []}
     if isinstance(record.get("url"), str):
         mapped["url"] = record["url"]
     out = {key: sample[key] for key in ("__key__", "__url__") if key in sample} | {"json": json.dumps(mapped).encode()}

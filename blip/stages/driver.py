@@ -99,7 +99,7 @@ def run_fingerprint(params: Params, cfg: TrainConfig) -> str:
         digest.update(section.model_dump_json().encode())
     root = cfg.shard_root or params.data.shard_root
     urls = [url for split in cfg.splits for url in locations.split_urls(root, split)]
-    digest.update(str(locations.describe(url for url in urls if not locations.is_local(url))).encode())  # versions
+    digest.update(locations.remote_versions(urls))
     files = [Path(url) for url in urls if locations.is_local(url)] + [Path(params.tokenizer.name)]
     if isinstance(init := getattr(cfg, "init", None), Path):  # a fine-tune's initial weights (file or folder)
         files.append(init)
