@@ -1,7 +1,7 @@
 """Our BLIP against transformers' BLIP at equal sizes, weights and inputs; ratio = ours / reference time (<= 1.0:
 we are at least as fast).
 
-    python -m benchmarks.vs_transformers [--sizes tiny base] [--device cpu|cuda] [--bf16] [--batch 8] [--max-ratio 1.05]
+    python -m benchmarks.vs_transformers [--sizes tiny base] [--device cpu|cuda] [--bf16] [--batch 8] [--check]
 
 - caption training step: forward + backward + AdamW step of the LM loss (ours: BlipCaptioner with the trainer's
   optimizer; reference: BlipForConditionalGeneration with `labels` and torch's AdamW);
@@ -10,9 +10,8 @@ we are at least as fast).
 - caption generation, beam 3 and greedy, 5 to 20 tokens (ours: `generate`; reference: `generate` of the same
   weights, exported with blip.models.export_hf).
 tiny = params.yaml's model, base = configs/base.yaml's (ViT-B/16, BERT-base), random weights and BERT's vocabulary.
-Prints a table and writes benchmarks/results/vs_transformers_<device>.json. With --max-ratio it exits 1 when a ratio
-is above it (`make bench` uses 1.05: the goal is 1.0, and a few percent is noise with 3 repeats on 2 cores), so a
-change that makes us slower than the reference does not slide by unnoticed.
+Prints a table and writes benchmarks/results/vs_transformers_<device>.json. With --check it exits 1 when a ratio is
+above its target (TARGETS; `make bench` checks), so a change that makes us slower does not slide by unnoticed.
 """
 
 from __future__ import annotations
@@ -43,6 +42,17 @@ RESULTS = Path(__file__).parent / "results"
 # BERT's vocabulary: the packaged copy, or a vocab.txt where that package is not installed (the GPU script).
 TOKENIZER = os.environ.get("BLIP_BENCH_TOKENIZER", PACKAGED_BERT)
 CAPTIONS = ["a large red circle to the left of a small blue square", "a small green triangle", "a white diamond"]
+
+
+# Ours / transformers' time, at most (issue 18), per device and size. At base on a CPU both sides do the same
+# compute-bound matrix products at batch 4: `cpu_floor.py` measures how low a ratio that leaves (0.83 for greedy
+# generation, 0.74 for the training step), hence the looser base row there.
+ISSUE_TARGETS = {"caption_train_step": 0.67, "generate_beam": 0.5, "generate_greedy": 0.5, "itm_itc_scores": 0.67}
+TARGETS = {
+    "cpu": {"tiny": ISSUE_TARGETS,
+            "base": {"caption_train_step": 0.9, "generate_beam": 1.0, "generate_greedy": 1.0, "itm_itc_scores": 0.8}},
+    "cuda": {"tiny": ISSUE_TARGETS, "base": ISSUE_TARGETS},
+}  # fmt: skip
 
 
 def model_config(size: str) -> ModelConfig:
@@ -167,7 +177,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for both (GPU)")
     parser.add_argument("--compile", action="store_true", help="torch.compile our training step")
-    parser.add_argument("--max-ratio", type=float, default=None, help="exit 1 if any ratio is above this")
+    parser.add_argument("--check", action="store_true", help="exit 1 if a ratio is above its target (TARGETS)")
     args = parser.parse_args()
     device = torch.device(args.device)
     results = {"device": describe(device),
@@ -181,12 +191,12 @@ def main() -> int:
             )
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"vs_transformers_{device.type}.json").write_text(json.dumps(results, indent=2))
-    limit = args.max_ratio if args.max_ratio is not None else float("inf")
-    slower = [f"{size} {what}: {row['ratio']:.2f}" for size, rows in results["sizes"].items()
-              for what, row in rows.items() if row["ratio"] > limit]  # fmt: skip
-    if slower:
-        print(f"slower than transformers' BLIP beyond {args.max_ratio}: " + "; ".join(slower))
-    return 1 if slower else 0
+    targets = TARGETS[device.type]
+    slower = [f"{size} {what}: {row['ratio']:.2f} > {targets[size][what]}" for size, rows in results["sizes"].items()
+              for what, row in rows.items() if row["ratio"] > targets[size][what]]  # fmt: skip
+    if slower and args.check:
+        print("above target: " + "; ".join(slower))
+    return 1 if slower and args.check else 0
 
 
 if __name__ == "__main__":

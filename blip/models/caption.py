@@ -48,7 +48,7 @@ class BlipCaptioner(nn.Module):
         ids[:, 0] = self.tokens.bos
         return self.text_decoder(ids, text_mask, self.visual_encoder(images))
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(
         self, images: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None = None
     ) -> list[list[int]]:
@@ -73,8 +73,8 @@ def decode(
     if context_mask is not None:
         state["mask"] = context_mask.repeat_interleave(repeat, 0)
 
-    def step(ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return decoder.next_token_logits(ids, attention_mask, state["context"], state["mask"], state["cache"])
+    def step(ids: torch.Tensor) -> torch.Tensor:
+        return decoder.next_token_logits(ids, state["context"], state["mask"], state["cache"])
 
     def reorder(index: torch.Tensor) -> None:
         state["cache"].select(index)

@@ -170,7 +170,7 @@ class DualEncoder(nn.Module):
         ids[:, 0] = self.tokens.enc
         return self.itm_head(self.text_encoder(ids, text_mask, image_embeds)[:, 0])
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def score_pairs(
         self, images: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:

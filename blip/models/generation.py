@@ -4,7 +4,8 @@ Semantics follow `transformers`' `generate` (which BLIP itself calls), so the sa
 captions: `max_length` and `min_length` count the prompt; below `min_length` the end token is banned; the
 repetition penalty divides positive and multiplies negative scores of tokens already in the sequence; beam search
 keeps 2 x beams candidates per step, scores a finished hypothesis by sum(log p) / generated_length ** length_penalty,
-and stops once no running beam can beat the worst of the `beams` finished ones.
+and stops once no running beam can beat the worst of the `beams` finished ones. Decoding runs in inference mode
+(no autograd bookkeeping per op: 6% of a tiny model's beam search on a CPU).
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-# step(new_token_ids [N, l], attention_mask [N, past + l]) -> next-token logits [N, vocab]; the caller owns the
-# KV cache and reorders it through `reorder(index)`.
-Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# step(new_token_ids [N, l]) -> next-token logits [N, vocab]; the caller owns the KV cache (every row decodes in
+# step, so no attention mask) and reorders it through `reorder(index)`.
+Step = Callable[[torch.Tensor], torch.Tensor]
 Reorder = Callable[[torch.Tensor], None]
 
 
@@ -50,7 +51,7 @@ def _strip(seqs: torch.Tensor, prompt_length: int, eos: int) -> list[list[int]]:
     return out
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def greedy_or_sample(
     step: Step, prompt: torch.Tensor, cfg: GenerationConfig, eos: int, pad: int,
     generator: torch.Generator | None = None,
@@ -58,33 +59,77 @@ def greedy_or_sample(
     """Greedy decoding, or nucleus sampling (top-p) when `cfg.method == "nucleus"`."""
     seqs = prompt
     done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
-    logits = step(prompt, torch.ones_like(prompt))
+    logits = step(prompt)
     while seqs.shape[1] < cfg.max_length:
         scores = _process(logits, seqs, cfg, eos)
-        if cfg.method == "nucleus":
-            probs = F.softmax(_top_p(scores, cfg.top_p), dim=-1)
-            token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        else:
-            token = scores.argmax(-1)
+        # max(-1): half of argmax's time on a CPU
+        token = sample_top_p(scores, cfg.top_p, generator) if cfg.method == "nucleus" else scores.max(-1).indices
         token = torch.where(done, torch.full_like(token, pad), token)
         seqs = torch.cat([seqs, token[:, None]], dim=1)
         done |= token == eos
         if done.all() or seqs.shape[1] >= cfg.max_length:
             break  # no decoder step for a token nobody will read
-        logits = step(token[:, None], torch.ones_like(seqs))
+        logits = step(token[:, None])
     return _strip(seqs, prompt.shape[1], eos)
 
 
-def _top_p(scores: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of tokens whose probability reaches `top_p` (at least one token)."""
-    ordered, order = scores.sort(dim=-1)
-    cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
-    remove = cumulative <= 1 - top_p
-    remove[:, -1] = False
-    return scores.masked_fill(remove.scatter(1, order, remove), -float("inf"))
+def in_nucleus(probs: torch.Tensor, token: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Whether each row's `token` is in its nucleus: the most probable tokens whose mass first reaches `top_p`, i.e.
+    the tokens more probable than it hold less than `top_p` (the most probable token always is)."""
+    p = probs.gather(1, token[:, None])
+    return (probs * (probs > p)).sum(-1) < top_p
 
 
-@torch.no_grad()
+def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row from unnormalised probabilities, by inverse CDF (a uniform per row and a binary search)."""
+    cdf = probs.cumsum(-1)
+    u = torch.rand(len(probs), 1, generator=generator, device=probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
+
+
+def sample_top_p(scores: torch.Tensor, top_p: float, generator: torch.Generator | None, tries: int = 8) -> torch.Tensor:
+    """Nucleus sampling (Holtzman et al. 2020) by rejection: draw from the whole distribution and redraw the rows
+    whose token fell outside the nucleus. An accepted draw is distributed as the renormalised nucleus, exactly;
+    the nucleus holds at least `top_p` of the mass, so a row redraws 1 / top_p times at worst on average. Each try
+    is O(vocab): sorting the vocabulary and `torch.multinomial` (an exponential per token) cost ~20x more per step
+    on a CPU at BERT's 30,522 tokens. The rare rows still outside after `tries` take the sorted nucleus."""
+    probs = F.softmax(scores.float(), dim=-1)
+    if top_p >= 1.0:  # the whole distribution (a sum of the others' mass can round to 1 and exclude a token)
+        return _draw(probs, generator)
+    token = torch.zeros(len(probs), dtype=torch.long, device=probs.device)
+    rows = torch.arange(len(probs), device=probs.device)
+    for _ in range(tries):
+        candidates = probs if len(rows) == len(probs) else probs[rows]
+        draw = _draw(candidates, generator)
+        accepted = in_nucleus(candidates, draw, top_p)
+        token[rows[accepted]] = draw[accepted]
+        rows = rows[~accepted]
+        if len(rows) == 0:
+            return token
+    ordered, order = probs[rows].sort(-1, descending=True)
+    nucleus = ordered * ((ordered.cumsum(-1) - ordered) < top_p)
+    token[rows] = order.gather(1, _draw(nucleus, generator)[:, None]).squeeze(1)
+    return token
+
+
+def top_k(scores: torch.Tensor, k: int, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """`scores.topk(k, dim=-1)` of a [rows, vocab] tensor (ties in any order). The k best lie in the k chunks with
+    the highest maxima (or in the short tail after the last whole chunk), and a chunk maximum (`amax`, vectorised)
+    is ~15x cheaper per element on a CPU than `topk` (one scan per row): ~4x faster at BERT's vocabulary."""
+    rows, vocab = scores.shape
+    whole = vocab - vocab % chunk
+    if vocab <= 4 * k * chunk:
+        return scores.topk(k, dim=-1)
+    blocks = scores[:, :whole].view(rows, -1, chunk)
+    best = blocks.amax(-1).topk(k, dim=-1).indices  # [rows, k] chunks
+    picked = blocks.gather(1, best[:, :, None].expand(-1, -1, chunk)).view(rows, -1)
+    positions = (best[:, :, None] * chunk + torch.arange(chunk, device=scores.device)).view(rows, -1)
+    tail = torch.arange(whole, vocab, device=scores.device).expand(rows, -1)
+    values, where = torch.cat([picked, scores[:, whole:]], dim=1).topk(k, dim=-1)
+    return values, torch.cat([positions, tail], dim=1).gather(1, where)
+
+
+@torch.inference_mode()
 def beam_search(
     step: Step, reorder: Reorder, prompt: torch.Tensor, cfg: GenerationConfig, eos: int, pad: int
 ) -> list[list[int]]:
@@ -103,16 +148,17 @@ def beam_search(
     offsets = torch.arange(batch, device=device)[:, None] * beams
 
     flat = running.view(batch * beams, -1)
-    logits = step(flat, torch.ones_like(flat))
+    logits = step(flat)
     length = prompt_length
     while True:
         log_probs = _process(F.log_softmax(logits.float(), dim=-1), flat, cfg, eos)
-        vocab = log_probs.shape[-1]
-        total = (log_probs.view(batch, beams, vocab) + running_scores[:, :, None]).view(batch, -1)
+        # The best `keep` continuations of the batch's beams are among each beam's own best `keep`.
+        beam_scores, beam_tokens = top_k(log_probs, keep)
+        total = (beam_scores.view(batch, beams, keep) + running_scores[:, :, None]).view(batch, -1)
         top_scores, top_index = total.topk(keep, dim=1)
-        parent = top_index // vocab
+        parent = top_index // keep
         candidates = torch.cat([running.gather(1, parent[:, :, None].expand(-1, -1, length)),
-                                (top_index % vocab)[:, :, None]], dim=2)  # fmt: skip
+                                beam_tokens.view(batch, -1).gather(1, top_index)[:, :, None]], dim=2)  # fmt: skip
         hits = (candidates[:, :, -1] == eos) | (length + 1 >= cfg.max_length)
 
         # Continue with the best candidates that have not just finished.
@@ -142,5 +188,5 @@ def beam_search(
         if not may_improve.any() or hits.all():
             break
         flat = running.view(batch * beams, -1)
-        logits = step(flat[:, -1:], torch.ones_like(flat))
+        logits = step(flat[:, -1:])
     return _strip(finished[:, 0], prompt_length, eos)

@@ -56,11 +56,11 @@ class KVCache:
         return 0 if not self.self_kv or self.self_kv[0] is None else self.self_kv[0][0].shape[2]
 
     def select(self, index: torch.Tensor) -> None:
-        """Reorder the batch (beam search keeps the caches of the beams it continues)."""
-        for kvs in (self.self_kv, self.cross_kv):
-            for i, kv in enumerate(kvs):
-                if kv is not None:
-                    kvs[i] = (kv[0].index_select(0, index), kv[1].index_select(0, index))
+        """Reorder the batch: beam search keeps the self-attention caches of the beams it continues. A beam only
+        continues a beam of its own image, whose image keys/values are the same: the cross-attention cache stays."""
+        for i, kv in enumerate(self.self_kv):
+            if kv is not None:
+                self.self_kv[i] = (kv[0].index_select(0, index), kv[1].index_select(0, index))
 
 
 class Embeddings(nn.Module):
@@ -193,23 +193,25 @@ class MED(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
         image_embeds: torch.Tensor | None = None,
         image_mask: torch.Tensor | None = None,
         causal: bool = False,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
-        """`attention_mask` covers past (cached) and current positions; returns the new positions' states."""
+        """`attention_mask` covers past (cached) and current positions, None when all are valid (decoding); returns
+        the new positions' states."""
         layers = self.encoder.layer
         if cache is not None and not cache.self_kv:
             cache.self_kv = [None] * len(layers)
             cache.cross_kv = [None] * len(layers)
         past = cache.length() if cache is not None else 0
         length = input_ids.shape[1]
-        mask = key_mask(attention_mask)
-        if causal:
+        mask = None if attention_mask is None else key_mask(attention_mask)
+        if causal and length > 1:  # one new position may see every cached one: a decoding step needs no mask
             rows = torch.arange(past, past + length, device=input_ids.device)[:, None]
-            mask = mask & (torch.arange(past + length, device=input_ids.device)[None, :] <= rows)
+            seen = torch.arange(past + length, device=input_ids.device)[None, :] <= rows
+            mask = seen if mask is None else mask & seen
         # No image mask (every image token valid) lets SDPA pick its fastest kernel.
         image_mask_4d = None if image_mask is None else key_mask(image_mask)
         x = self.embeddings(input_ids, past)
@@ -272,16 +274,12 @@ class TextDecoder(nn.Module):
         return self.cls(self.bert(input_ids, attention_mask, image_embeds, image_mask, causal=True))
 
     def next_token_logits(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        context: torch.Tensor,
-        context_mask: torch.Tensor | None,
-        cache: KVCache,
+        self, input_ids: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None, cache: KVCache
     ) -> torch.Tensor:
-        """Decoding: run the new positions through the cached decoder; logits [B, vocab] after the last one only
-        (the vocabulary head on the prompt's other positions would be wasted)."""
-        return self.cls(self.bert(input_ids, attention_mask, context, context_mask, causal=True, cache=cache)[:, -1])
+        """Decoding: run the new positions (no padding: every sequence decodes in step) through the cached decoder;
+        logits [B, vocab] after the last one only (the vocabulary head on the prompt's other positions would be
+        wasted)."""
+        return self.cls(self.bert(input_ids, None, context, context_mask, causal=True, cache=cache)[:, -1])
 
     def loss(
         self,

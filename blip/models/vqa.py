@@ -66,7 +66,7 @@ class BlipVQA(nn.Module):
         per_answer = self.answer_loss(states, mask, answer_ids, answer_mask)
         return (weights * per_answer).sum() / images.shape[0]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, images: torch.Tensor, question_ids: torch.Tensor, question_mask: torch.Tensor,
                  config: GenerationConfig = ANSWER_GENERATION) -> list[list[int]]:  # fmt: skip
         states = self.encode_question(images, question_ids, question_mask)

@@ -213,9 +213,9 @@ def test_kv_cache_decoding_equals_the_full_forward() -> None:
     ids = torch.tensor([[T.bos, 1037, 2417, 4418, 2006], [T.bos, 2048, 5741, 1999, 1996]])
     full = decoder(ids, torch.ones_like(ids), image)
     cache = KVCache()
-    steps = [decoder.next_token_logits(ids[:, :2], torch.ones_like(ids[:, :2]), image, None, cache)]
+    steps = [decoder.next_token_logits(ids[:, :2], image, None, cache)]
     for t in range(2, ids.shape[1]):
-        steps.append(decoder.next_token_logits(ids[:, t : t + 1], torch.ones_like(ids[:, : t + 1]), image, None, cache))
+        steps.append(decoder.next_token_logits(ids[:, t : t + 1], image, None, cache))
     assert torch.allclose(torch.stack(steps, dim=1), full[:, 1:], atol=1e-5)
     cache.select(torch.tensor([1, 1]))  # beam reordering: both rows now continue the second sequence
     assert torch.equal(cache.self_kv[0][0][0], cache.self_kv[0][0][1])
