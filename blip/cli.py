@@ -30,6 +30,8 @@ COMMANDS = {
     "caption": ("blip.commands:caption_main", "caption images with trained or official weights"),
     "itm": ("blip.commands:itm_main", "ITM probability and ITC similarity of texts with an image"),
     "export-hf": ("blip.commands:export_hf_main", "export weights as a transformers BLIP folder"),
+    "embed": ("blip.commands:embed_main", "ITC embeddings of images or texts to Parquet"),
+    "search": ("blip.commands:search_main", "top k of an embeddings file for a text or image query"),
 }
 
 

@@ -1,4 +1,5 @@
-"""Inference and export from the command line: `blip caption`, `blip itm`, `blip export-hf`.
+"""Inference and export from the command line: `blip caption`, `blip itm`, `blip export-hf`, `blip embed`,
+`blip search`.
 
 Each accepts our weights (safetensors with the model config inside), transformers BLIP folders (config.json and
 tokenizer inside) and official-layout files (`.pth`, with the model config from `--params`/`--set`, e.g.
@@ -16,6 +17,7 @@ from PIL import Image
 from torch import nn
 from transformers import PreTrainedTokenizer
 
+from blip import search
 from blip.config import load_params
 from blip.config.params import DEFAULT_PARAMS
 from blip.config.schema import ModelConfig, TokenizerConfig
@@ -92,4 +94,81 @@ def export_hf_main(argv: Sequence[str] | None = None) -> int:
     model, cfg, tokenizer, _ = _load(args.task, args)  # export names match our task names
     export_hf(model.state_dict(), cfg, tokenizer, args.task, args.out)
     print(f"wrote {args.out} ({HF_CLASSES[args.task][0].__name__})")
+    return 0
+
+
+def embed_main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser("embed", "Write the ITC embeddings of images or texts to a Parquet file (id, path/text, vector).")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", help="a folder of image files, or a shard split (name or location)")
+    source.add_argument("--texts", type=Path, help="a UTF-8 text file, one text per line")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args(argv)
+    model, tokenizer, max_length = search.load_model(args.weights, args.params, args.overrides)
+    if args.images is not None and Path(args.images).is_dir() and not search.has_images(Path(args.images)):
+        parser.error(f"{args.images}: no image files and no shards")
+    meta = {"weights": str(args.weights), "weights_sha256": search.weights_digest(args.weights),
+            "dim": model.vision_proj.out_features}  # fmt: skip
+    if args.images is not None:
+        root = load_params(args.params).data.shard_root if args.params.is_file() else Path("data/shards")
+        batches = search.image_batches(args.images, root, model.model_config.image_size, args.batch_size)
+        kind = "image"
+
+        def encode(labels: list[str], pixels: torch.Tensor | None) -> torch.Tensor:
+            return model.image_features(pixels)[1]
+    else:
+        batches, kind = search.text_batches(args.texts, args.batch_size), "text"
+
+        def encode(labels: list[str], pixels: torch.Tensor | None) -> torch.Tensor:
+            # Every batch the same shape (full, padded to max_length): a text's vector then does not depend on its
+            # neighbours, and equal texts get equal vectors, which rank by id like the retrieval stage's.
+            full = labels + [""] * (args.batch_size - len(labels))
+            tokens = tokenizer(full, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+            return model.text_features(tokens.input_ids, tokens.attention_mask)[: len(labels)]
+
+    with torch.inference_mode():
+        rows = search.write_embeddings(batches, kind, encode, args.out, meta)
+    print(f"wrote {rows} {kind} embeddings to {args.out}")
+    return 0
+
+
+def search_main(argv: Sequence[str] | None = None) -> int:
+    parser = stage_parser("search", "Rank an embeddings file for a query by ITC similarity, optionally re-ranked "
+                                    "by ITM probability.")  # fmt: skip
+    parser.add_argument("--index", type=Path, required=True, help="an embeddings file from `blip embed`")
+    query = parser.add_mutually_exclusive_group(required=True)
+    query.add_argument("--text")
+    query.add_argument("--image", type=Path)
+    query.add_argument("--queries", type=Path, help="an embeddings file whose every row is a query (needs --out)")
+    parser.add_argument("--weights", type=Path, help="the weights the index was embedded with (for --text, --image)")
+    parser.add_argument("--k", type=int, default=5)
+    parser.add_argument("--rerank", action="store_true", help="re-rank the top k by ITM probability")
+    parser.add_argument("--out", type=Path, help="with --queries: Parquet of query_id, rank, id, itc_similarity")
+    args = parser.parse_args(argv)
+    try:
+        meta = search.index_meta(args.index)
+    except (ValueError, OSError) as exc:
+        parser.error(str(exc))
+    if args.queries is not None:
+        if args.rerank or args.out is None:
+            parser.error("--queries writes --out and does not re-rank (ITM re-ranks one --text or --image)")
+        queries_meta = search.index_meta(args.queries)
+        if queries_meta["weights_sha256"] != meta["weights_sha256"]:
+            parser.error(f"{args.queries} and {args.index} were embedded with different weights "
+                         f"({queries_meta['weights']} and {meta['weights']})")  # fmt: skip
+        search.write_rankings(args.queries, args.index, args.k, args.out)
+        print(f"wrote the top {args.k} of {args.index} for every row of {args.queries} to {args.out}")
+        return 0
+    if args.weights is None:
+        parser.error("--text and --image need --weights (the ones the index was embedded with)")
+    if search.weights_digest(args.weights) != meta["weights_sha256"]:
+        parser.error(f"{args.index} was embedded with {meta['weights']}, not with {args.weights} (SHA-256 differs)")
+    model, tokenizer, max_length = search.load_model(args.weights, args.params, args.overrides)
+    try:
+        rows = search.answer(model, tokenizer, max_length, args.index, args.text, args.image, args.k, args.rerank)
+    except (ValueError, OSError) as exc:  # an image PIL cannot read, a re-rank of the wrong kind
+        parser.error(str(exc))
+    for row in rows:
+        print("\t".join(row))
     return 0

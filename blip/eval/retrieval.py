@@ -1,7 +1,8 @@
 """Image-text retrieval evaluation as BLIP does it, with memory bounded by a chunk size.
 
 1. ITC similarities of every image with every text, computed in blocks of `chunk` query rows x `key_chunk` keys;
-   only each row's top k survive (working memory set by the blocks; the result is N x k, never N x N).
+   only each row's top k survive (working memory set by the blocks; the result is N x k, never N x N); equal
+   scores rank by index.
 2. ITM re-ranks those k candidates in both directions; the final score is ITM logit (match) + ITC similarity,
    candidates outside the top k rank below all of them (BLIP fills them with -100).
 3. Recall@1/5/10 both ways: image->text counts the best-ranked of an image's captions.
@@ -31,6 +32,20 @@ class TopK:
     scores: torch.Tensor  # [queries, k]
 
 
+def best_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, columns) of each row's k best scores, best first, ties to the lower column. torch.topk breaks ties
+    arbitrarily, and differently for different k; captions repeat in real data sets (equal texts, equal
+    features), so a ranking, and a recall, must not depend on the kernel."""
+    k = min(k, scores.shape[1])
+    kth = scores.topk(k, dim=1).values[:, -1:]
+    above, tied = scores > kth, scores == kth
+    chosen = above | (tied & (tied.cumsum(1) <= k - above.sum(1, keepdim=True)))
+    columns = chosen.nonzero()[:, 1].view(-1, k)  # ascending within each row
+    values = scores.gather(1, columns)
+    order = values.sort(dim=1, descending=True, stable=True).indices
+    return values.gather(1, order), columns.gather(1, order)
+
+
 def chunked_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk: int, key_chunk: int = 16384) -> TopK:
     """Top-k of `queries @ keys.T`, `chunk` query rows x `key_chunk` keys at a time: working memory is set by the
     two chunk sizes, whatever the gallery size (a row's running top k is merged with each key block's)."""
@@ -40,14 +55,13 @@ def chunked_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk: int, 
         rows = queries[start : start + chunk]
         best_scores = best_indices = None
         for key_start in range(0, keys.shape[0], key_chunk):
-            block = rows @ keys[key_start : key_start + key_chunk].T
-            top = block.topk(min(k, block.shape[1]), dim=1)
-            block_scores, block_indices = top.values, top.indices + key_start
-            if best_scores is not None:
+            block_scores, block_indices = best_k(rows @ keys[key_start : key_start + key_chunk].T, k)
+            block_indices = block_indices + key_start
+            if best_scores is not None:  # earlier keys first: a tie still goes to the lower index
                 block_scores = torch.cat([best_scores, block_scores], dim=1)
                 block_indices = torch.cat([best_indices, block_indices], dim=1)
-            merged = block_scores.topk(min(k, block_scores.shape[1]), dim=1)
-            best_scores, best_indices = merged.values, block_indices.gather(1, merged.indices)
+            best_scores, merged = best_k(block_scores, k)
+            best_indices = block_indices.gather(1, merged)
         indices.append(best_indices.cpu())
         scores.append(best_scores.float().cpu())
     return TopK(torch.cat(indices), torch.cat(scores))
