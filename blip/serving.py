@@ -7,6 +7,8 @@ per input row (`OUTPUTS`):
 - retrieval: `itm_probability` (the filter's match probability) and `itc_similarity`;
 - vqa: `answer` (generated);
 - nlvr: `probability_true` (that the statement is true of the image pair) and `label` (above 0.5).
+A request's rows run through the model BATCH at a time (one forward pass per batch, never one per row); a bad row
+(not base64, not an image, a text that is not a string) is answered with HTTP 400 naming the row and its problem.
 The model is logged as code (this file, run by MLflow at load time; no pickled object) with the weights (config
 inside), the tokenizer's vocabulary, the `blip` package itself, its signature and a one-row input example.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -120,6 +123,14 @@ class BlipPyfunc(mlflow.pyfunc.PythonModel):
                 raise BadInput(f"{problem} (base64, but not an image format PIL reads)") from exc
         return torch.stack([self.transform(image) for image in decoded])
 
+    def _texts(self, column: pd.Series, offset: int) -> list[str]:
+        for row, value in enumerate(column, start=offset):
+            if not isinstance(value, str):
+                missing = value is None or (isinstance(value, float) and math.isnan(value))
+                kind = "null" if missing else type(value).__name__
+                raise BadInput(f"row {row}: `{column.name}` is not a string (it is {kind})")
+        return column.tolist()
+
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         parts = [self._predict(model_input.iloc[i : i + BATCH], i) for i in range(0, len(model_input), BATCH)]
         return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=list(OUTPUTS[self.task]))
@@ -133,7 +144,7 @@ class BlipPyfunc(mlflow.pyfunc.PythonModel):
         if self.task == "caption":
             config = GenerationConfig("beam", num_beams=3, max_length=20, min_length=5)
             return pd.DataFrame({"caption": decode(self.model.generate(images, config))})
-        texts = rows["question" if self.task == "vqa" else "text"].astype(str).tolist()
+        texts = self._texts(rows["question" if self.task == "vqa" else "text"], offset)
         tokens = self.tokenizer(
             texts, padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt"
         )

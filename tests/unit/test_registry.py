@@ -153,6 +153,16 @@ def test_registered_filter_scores_pairs_and_is_described_with_an_example_by_a_qu
     assert ((out["itm_probability"] > 0) & (out["itm_probability"] < 1)).all()
     assert (out["itc_similarity"].abs() <= 1 + 1e-5).all()
 
+    # A request's rows run as batches: 40 rows, two forward passes (BATCH = 32), not 40.
+    served = model.unwrap_python_model()
+    calls = []
+    score_pairs = served.model.score_pairs
+    served.model.score_pairs = lambda images, *texts: calls.append(len(images)) or score_pairs(images, *texts)
+    many = model.predict(pd.DataFrame({"image": [image_b64((200, 30, 30))] * 40, "text": ["a red circle"] * 40}))
+    assert calls == [32, 8] and len(many) == 40
+    assert many["itm_probability"].max() - many["itm_probability"].min() < 1e-5  # one pair, one score
+    served.model.score_pairs = score_pairs
+
     outputs = model.metadata.get_output_schema().to_dict()
     assert [(c["name"], c["type"]) for c in outputs] == [("itm_probability", "double"), ("itc_similarity", "double")]
     example = model.input_example
