@@ -63,6 +63,8 @@ bench: $(STAMP)
 	python -m benchmarks.data_and_capfilt --workers 1 2
 	python -m benchmarks.object_storage --samples 10000 --workers 1 2 --loader-workers 1 2
 	python benchmarks/retrieval_eval.py --sizes 1000 2000
+	python -m benchmarks.onnx_vs_torch --sizes tiny --batch 8
+	python -m benchmarks.serving_load --requests 300 --concurrency 4
 	# last, so that the figures above are written even when a ratio misses its target
 	python -m benchmarks.vs_transformers --sizes tiny base --batch 4 --repeats 5 --check
 

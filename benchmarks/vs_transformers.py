@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizer
 
+from blip.allocator import reuse_freed_memory
 from blip.config import load_params
 from blip.config.schema import ModelConfig, TrainConfig
 from blip.data.tokenizer import PACKAGED_BERT, SpecialTokens, load_tokenizer
@@ -66,17 +67,17 @@ def describe(device: torch.device) -> str:
     return torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
 
 
-def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Median seconds of `repeats` calls after two warm-up calls."""
+def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> float:
+    """Median seconds of `repeats` calls after `warmup` calls."""
     times = []
-    for i in range(repeats + 2):
+    for i in range(repeats + warmup):
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        if i >= 2:
+        if i >= warmup:
             times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -165,7 +166,11 @@ def bench_size(size: str, device: torch.device, batch: int, repeats: int, bf16: 
 
 
 def compare(ours: Callable[[], None], reference: Callable[[], None], device: torch.device, repeats: int) -> dict:
-    mine, theirs = timed(ours, device, repeats), timed(reference, device, repeats)
+    """Medians of `repeats` rounds, each timing one call of either side in turn: a drift of the machine's speed
+    (another process, frequency) then weighs on both alike."""
+    rounds = [(timed(ours, device, 1, warmup=0 if i else 2), timed(reference, device, 1, warmup=0 if i else 2))
+              for i in range(repeats)]  # fmt: skip
+    mine, theirs = statistics.median(r[0] for r in rounds), statistics.median(r[1] for r in rounds)
     return {"ours_s": mine, "reference_s": theirs, "ratio": mine / theirs}
 
 
@@ -179,6 +184,7 @@ def main() -> int:
     parser.add_argument("--compile", action="store_true", help="torch.compile our training step")
     parser.add_argument("--check", action="store_true", help="exit 1 if a ratio is above its target (TARGETS)")
     args = parser.parse_args()
+    reuse_freed_memory()  # for both sides alike (one process): page faults are not what is compared
     device = torch.device(args.device)
     results = {"device": describe(device),
                "batch": args.batch, "bf16": args.bf16, "compile": args.compile, "sizes": {}}  # fmt: skip

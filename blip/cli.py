@@ -8,6 +8,7 @@ import sys
 import threading
 from collections.abc import Sequence
 
+from blip.allocator import reuse_freed_memory
 from blip.config import ConfigError
 
 # command -> "module[:function]" taking argv, returning an exit code; imported lazily, so that
@@ -30,6 +31,7 @@ COMMANDS = {
     "caption": ("blip.commands:caption_main", "caption images with trained or official weights"),
     "itm": ("blip.commands:itm_main", "ITM probability and ITC similarity of texts with an image"),
     "export-hf": ("blip.commands:export_hf_main", "export weights as a transformers BLIP folder"),
+    "export-onnx": ("blip.commands:export_onnx_main", "export the captioner or retrieval model as ONNX graphs"),
     "embed": ("blip.commands:embed_main", "ITC embeddings of images or texts to Parquet"),
     "search": ("blip.commands:search_main", "top k of an embeddings file for a text or image query"),
 }
@@ -50,6 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         lines = [f"  {name:<20} {help_}" for name, (_, help_) in COMMANDS.items()]
         print("usage: blip <command> [options]\n\ncommands:\n" + "\n".join(lines), file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
+    reuse_freed_memory()
     module_name, _, function = COMMANDS[argv[0]][0].partition(":")
     entry = getattr(importlib.import_module(module_name), function or "main")
     in_main_thread = threading.current_thread() is threading.main_thread()  # only it may set signal handlers

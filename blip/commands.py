@@ -1,5 +1,5 @@
-"""Inference and export from the command line: `blip caption`, `blip itm`, `blip export-hf`, `blip embed`,
-`blip search`.
+"""Inference and export from the command line: `blip caption`, `blip itm`, `blip export-hf`, `blip export-onnx`,
+`blip embed`, `blip search`.
 
 Each accepts our weights (safetensors with the model config inside), transformers BLIP folders (config.json and
 tokenizer inside) and official-layout files (`.pth`, with the model config from `--params`/`--set`, e.g.
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -27,11 +28,17 @@ from blip.models.factory import load_trained
 from blip.models.generation import GenerationConfig
 from blip.stages.common import stage_parser
 
+if TYPE_CHECKING:
+    from blip.onnx.runner import OnnxCaptioner, OnnxRetrieval
 
-def _parser(command: str, description: str) -> argparse.ArgumentParser:
+
+def _parser(command: str, description: str, onnx: bool = False) -> argparse.ArgumentParser:
     parser = stage_parser(command, description)
-    parser.add_argument("--weights", type=Path, required=True,
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--weights", type=Path,
                         help="our .safetensors, a transformers BLIP folder, or an official .pth")  # fmt: skip
+    if onnx:
+        source.add_argument("--onnx", type=Path, help="a folder written by `blip export-onnx` (run by onnxruntime)")
     return parser
 
 
@@ -45,13 +52,22 @@ def _load(task: str, args: argparse.Namespace) -> tuple[nn.Module, ModelConfig, 
     return model.eval(), model.model_config, tokenizer, params.tokenizer.max_length
 
 
+def _onnx(folder: Path, task: str) -> OnnxCaptioner | OnnxRetrieval:
+    from blip.onnx.runner import load_onnx  # onnxruntime is imported only when asked for
+
+    model = load_onnx(folder)
+    if model.meta["task"] != task:
+        raise SystemExit(f"{folder} holds a {model.meta['task']} model, not a {task} one")
+    return model
+
+
 def _images(paths: list[Path], cfg: ModelConfig) -> torch.Tensor:
     transform = eval_transform(cfg.image_size)
     return torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
 
 
 def caption_main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser("caption", "Print one caption per image (tab-separated after the image path).")
+    parser = _parser("caption", "Print one caption per image (tab-separated after the image path).", onnx=True)
     parser.add_argument("images", nargs="+", type=Path)
     parser.add_argument("--method", choices=["beam", "greedy", "nucleus"], default="beam")
     parser.add_argument("--num-beams", type=int, default=3)
@@ -61,24 +77,40 @@ def caption_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0, help="for nucleus sampling")
     args = parser.parse_args(argv)
-    model, cfg, tokenizer, _ = _load("caption", args)
     config = GenerationConfig(args.method, args.num_beams, args.max_length, args.min_length, args.top_p,
                               args.repetition_penalty)  # fmt: skip
     generator = torch.Generator().manual_seed(args.seed)
-    captions = model.generate(_images(args.images, cfg), config, generator)
+    if args.onnx is not None:
+        model = _onnx(args.onnx, "caption")
+        pixels, tokenizer = (
+            torch.stack([model.transform(Image.open(p).convert("RGB")) for p in args.images]),
+            model.tokenizer,
+        )
+    else:
+        model, cfg, tokenizer, _ = _load("caption", args)
+        pixels = _images(args.images, cfg)
+    captions = model.generate(pixels, config, generator)
     for path, ids in zip(args.images, captions, strict=True):
         print(f"{path}\t{tokenizer.decode(ids, skip_special_tokens=True)}")
     return 0
 
 
 def itm_main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser("itm", "Print the ITM match probability and ITC similarity of each text with the image.")
+    parser = _parser(
+        "itm", "Print the ITM match probability and ITC similarity of each text with the image.", onnx=True
+    )
     parser.add_argument("image", type=Path)
     parser.add_argument("texts", nargs="+")
     args = parser.parse_args(argv)
-    model, cfg, tokenizer, max_length = _load("retrieval", args)
+    if args.onnx is not None:
+        model = _onnx(args.onnx, "retrieval")
+        tokenizer, max_length = model.tokenizer, TokenizerConfig().max_length
+        image = model.transform(Image.open(args.image).convert("RGB"))[None]
+    else:
+        model, cfg, tokenizer, max_length = _load("retrieval", args)
+        image = _images([args.image], cfg)
     batch = tokenizer(args.texts, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
-    images = _images([args.image], cfg).expand(len(args.texts), -1, -1, -1)
+    images = image.expand(len(args.texts), -1, -1, -1).contiguous()
     probability, similarity = model.score_pairs(images, batch.input_ids, batch.attention_mask)
     print("itm_probability\titc_similarity\ttext")
     for text, p, s in zip(args.texts, probability.tolist(), similarity.tolist(), strict=True):
@@ -171,4 +203,17 @@ def search_main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     for row in rows:
         print("\t".join(row))
+    return 0
+
+
+def export_onnx_main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser("export-onnx", "Write ONNX graphs (dynamic batch and length) and the vocabulary to a folder.")
+    parser.add_argument("--task", choices=["caption", "retrieval"], required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    from blip.onnx.export import export_onnx
+
+    model, _, tokenizer, _ = _load(args.task, args)
+    for path in export_onnx(model, args.task, tokenizer, args.out):
+        print(f"wrote {path}")
     return 0

@@ -1,0 +1,1 @@
+"""ONNX export (`blip export-onnx`) and an onnxruntime runner for the exported graphs."""
