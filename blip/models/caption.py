@@ -68,15 +68,15 @@ def decode(
 ) -> list[list[int]]:
     """Run the decoder on `context` (image tokens, or VQA question states) from `prompt`, one KV cache per row."""
     rows = context.shape[0]
-    repeat = config.num_beams if config.method == "beam" else 1
-    state = {"context": context.repeat_interleave(repeat, 0), "mask": None, "cache": KVCache()}
-    if context_mask is not None:
-        state["mask"] = context_mask.repeat_interleave(repeat, 0)
+    state = {"context": context, "mask": context_mask, "cache": KVCache()}
 
     def step(ids: torch.Tensor) -> torch.Tensor:
         return decoder.next_token_logits(ids, state["context"], state["mask"], state["cache"])
 
     def reorder(index: torch.Tensor) -> None:
+        if len(index) != len(state["context"]):  # beams branch off their image: context and mask per beam
+            state["context"] = state["context"].index_select(0, index)
+            state["mask"] = None if state["mask"] is None else state["mask"].index_select(0, index)
         state["cache"].select(index)
 
     batch_prompt = prompt[None].expand(rows, -1)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 # step(new_token_ids [N, l]) -> next-token logits [N, vocab]; the caller owns the KV cache (every row decodes in
-# step, so no attention mask) and reorders it through `reorder(index)`.
+# step, so no attention mask) and reorders it through `reorder(index)`, which may also grow it (beam search).
 Step = Callable[[torch.Tensor], torch.Tensor]
 Reorder = Callable[[torch.Tensor], None]
 
@@ -133,7 +133,8 @@ def top_k(scores: torch.Tensor, k: int, chunk: int = 64) -> tuple[torch.Tensor, 
 def beam_search(
     step: Step, reorder: Reorder, prompt: torch.Tensor, cfg: GenerationConfig, eos: int, pad: int
 ) -> list[list[int]]:
-    """`prompt` is [B, P]; the caller's step/cache hold B * num_beams rows, beam-major within each image."""
+    """`prompt` is [B, P]. The first step gets the B prompts; then `reorder(index)` with B * num_beams rows (beam-major
+    within each image) turns the cache into one per beam, and every later step and reorder hold those rows."""
     batch, prompt_length = prompt.shape
     beams, device = cfg.num_beams, prompt.device
     keep = 2 * beams
@@ -147,8 +148,10 @@ def beam_search(
     top_ranks = torch.arange(keep, device=device) < beams
     offsets = torch.arange(batch, device=device)[:, None] * beams
 
+    # The prompt runs once per image; `reorder` then gives each beam its image's cache.
+    logits = step(prompt).repeat_interleave(beams, dim=0)
+    reorder(torch.arange(batch, device=device).repeat_interleave(beams))
     flat = running.view(batch * beams, -1)
-    logits = step(flat)
     length = prompt_length
     while True:
         log_probs = _process(F.log_softmax(logits.float(), dim=-1), flat, cfg, eos)
@@ -168,18 +171,20 @@ def beam_search(
         running_scores = running_candidates.gather(1, chosen)
         reorder((parent.gather(1, chosen) + offsets).view(-1))
 
-        # Candidates among the top `beams` ranks that just finished compete for the finished slots.
+        # Candidates among the top `beams` ranks that just finished compete for the finished slots (most steps
+        # none has: the merge is skipped).
         just_finished = hits & top_ranks[None, :]
-        scores = top_scores / ((length + 1 - prompt_length) ** cfg.length_penalty)
-        scores = scores + (~may_improve).float() * -1e9 + (~just_finished).float() * -1e9
-        padded = F.pad(candidates, (0, cfg.max_length - length - 1), value=pad)
-        merged = torch.cat([finished, padded], dim=1)
-        merged_scores = torch.cat([finished_scores, scores], dim=1)
-        merged_done = torch.cat([finished_done, just_finished], dim=1)
-        best = merged_scores.topk(beams, dim=1).indices
-        finished = merged.gather(1, best[:, :, None].expand(-1, -1, cfg.max_length))
-        finished_scores = merged_scores.gather(1, best)
-        finished_done = merged_done.gather(1, best)
+        if just_finished.any():
+            scores = top_scores / ((length + 1 - prompt_length) ** cfg.length_penalty)
+            scores = scores + (~may_improve).float() * -1e9 + (~just_finished).float() * -1e9
+            padded = F.pad(candidates, (0, cfg.max_length - length - 1), value=pad)
+            merged = torch.cat([finished, padded], dim=1)
+            merged_scores = torch.cat([finished_scores, scores], dim=1)
+            merged_done = torch.cat([finished_done, just_finished], dim=1)
+            best = merged_scores.topk(beams, dim=1).indices
+            finished = merged.gather(1, best[:, :, None].expand(-1, -1, cfg.max_length))
+            finished_scores = merged_scores.gather(1, best)
+            finished_done = merged_done.gather(1, best)
 
         length += 1
         best_running = running_scores[:, :1] / ((length - prompt_length) ** cfg.length_penalty)

@@ -57,10 +57,12 @@ class KVCache:
 
     def select(self, index: torch.Tensor) -> None:
         """Reorder the batch: beam search keeps the self-attention caches of the beams it continues. A beam only
-        continues a beam of its own image, whose image keys/values are the same: the cross-attention cache stays."""
-        for i, kv in enumerate(self.self_kv):
-            if kv is not None:
-                self.self_kv[i] = (kv[0].index_select(0, index), kv[1].index_select(0, index))
+        continues a beam of its own image, whose image keys/values are the same, so the cross-attention cache
+        changes only when the rows do (after the prompt, which runs once per image, each beam takes its image's)."""
+        for kvs in (self.self_kv, self.cross_kv):
+            for i, kv in enumerate(kvs):
+                if kv is not None and (kvs is self.self_kv or len(kv[0]) != len(index)):
+                    kvs[i] = (kv[0].index_select(0, index), kv[1].index_select(0, index))
 
 
 class Embeddings(nn.Module):

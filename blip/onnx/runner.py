@@ -49,14 +49,12 @@ class OnnxCaptioner(OnnxModel):
         """Caption token ids per image (prompt and end token removed), as BlipCaptioner.generate."""
         (embeds,) = self.run("vision", images=images.numpy())
         rows = embeds.shape[0]
-        beams = config.num_beams if config.method == "beam" else 1
-        context = np.repeat(embeds, beams, axis=0)
         state: dict[str, list[np.ndarray]] = {}
         names = kv_names("past", self.layers) + kv_names("cross", self.layers)
 
         def step(ids: torch.Tensor) -> torch.Tensor:
             if not state:
-                logits, *kv = self.run("decoder_prefill", input_ids=ids.numpy(), image_embeds=context)
+                logits, *kv = self.run("decoder_prefill", input_ids=ids.numpy(), image_embeds=embeds)
                 state["past"], state["cross"] = kv[: 2 * self.layers], kv[2 * self.layers :]
             else:
                 feed = dict(zip(names, state["past"] + state["cross"], strict=True))
@@ -64,7 +62,10 @@ class OnnxCaptioner(OnnxModel):
             return torch.from_numpy(logits)
 
         def reorder(index: torch.Tensor) -> None:
-            state["past"] = [kv[index.numpy()] for kv in state["past"]]
+            rows = index.numpy()
+            state["past"] = [kv[rows] for kv in state["past"]]
+            if len(rows) != len(state["cross"][0]):  # beams branch off their image (see KVCache.select)
+                state["cross"] = [kv[rows] for kv in state["cross"]]
 
         prompt = torch.tensor(self.meta["prompt_ids"])[None].expand(rows, -1)
         if config.method == "beam":
