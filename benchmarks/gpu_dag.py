@@ -158,6 +158,8 @@ def main() -> int:
     work.mkdir(parents=True)
     logs.mkdir(parents=True)
     params = small_params(preset, steps, batch, workers, size)
+    if tokenizer := os.environ.get("BLIP_BENCH_TOKENIZER"):  # BERT's vocab.txt where its package is not installed
+        params["tokenizer"]["name"] = tokenizer
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (args.out / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",

@@ -3,17 +3,32 @@
 References and candidates go through the PTB tokenizer, then BLEU-1..4, METEOR, ROUGE-L and CIDEr are computed
 by pycocoevalcap's own scorers, one by one (its `COCOEvalCap.evaluate` always runs SPICE, which downloads
 Stanford CoreNLP on first use). SPICE is computed only when those models are installed, and otherwise reported as
-unavailable with the reason, never estimated.
+unavailable with the reason, never estimated; so is every score where pycocoevalcap or Java is missing.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import shutil
 from pathlib import Path
 
 SPICE_MODELS = "stanford-corenlp-3.6.0"
+METRICS = ("BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr")
+
+
+def coco_unavailable_reason() -> str | None:
+    """Why no COCO caption metric can be computed here (pycocoevalcap missing, or no Java for its PTB tokenizer
+    and METEOR, e.g. on a GPU image), or None."""
+    if importlib.util.find_spec("pycocoevalcap") is None:
+        return "pycocoevalcap is not installed"
+    if shutil.which("java") is None:
+        return "no `java` on PATH (pycocoevalcap's PTB tokenizer and METEOR are Java programs)"
+    return None
 
 
 def spice_unavailable_reason() -> str | None:
+    if reason := coco_unavailable_reason():
+        return reason
     import pycocoevalcap.spice.spice as spice_module
 
     lib = Path(spice_module.__file__).parent / "lib"
@@ -26,7 +41,9 @@ def spice_unavailable_reason() -> str | None:
 
 def caption_scores(predictions: dict[str, str], references: dict[str, list[str]]) -> dict[str, float | None]:
     """Corpus-level scores for `predictions[image_id]` against `references[image_id]` (same ids in both); SPICE is
-    None when its models are not installed."""
+    None when its models are not installed, every score None where coco_unavailable_reason() says why."""
+    if coco_unavailable_reason():
+        return dict.fromkeys((*METRICS, "SPICE"))
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.meteor.meteor import Meteor

@@ -18,7 +18,7 @@ from torch import nn
 from blip.config.tasks import CaptionFinetuneConfig
 from blip.data.locations import split_urls
 from blip.data.shards import read_records
-from blip.eval.caption_metrics import caption_scores, spice_unavailable_reason
+from blip.eval.caption_metrics import caption_scores, coco_unavailable_reason, spice_unavailable_reason
 from blip.eval.captioning import caption_gallery, caption_split
 from blip.models.caption import PROMPT
 from blip.models.generation import GenerationConfig
@@ -54,9 +54,8 @@ class Captioning(Recipe):
         # The trivial baseline: the most frequent training caption, given for every image.
         baseline = caption_scores(dict.fromkeys(predictions, most_frequent_caption(params.data.shard_root, cfg.splits)),
                                   references)  # fmt: skip
-        numeric |= {f"constant_{k}": baseline[k] for k in ("BLEU_4", "CIDEr")}
+        numeric |= {f"constant_{k}": baseline[k] for k in ("BLEU_4", "CIDEr") if baseline[k] is not None}
         metrics = {**numeric, "images": len(predictions), "loss": trainer.history[-1]["loss"]}
-        metrics["SPICE"] = scores["SPICE"]  # null when unavailable: the reason is a report, not a metric
         reports = Path("reports") / self.name
         reports.mkdir(parents=True, exist_ok=True)
         results = reports / "results.json"
@@ -64,10 +63,13 @@ class Captioning(Recipe):
         gallery = caption_gallery(predictions, references, pixels, reports / "gallery.png", cfg.gallery_images,
                                   model=f"{self.name} ({cfg.output})", split=cfg.eval_split)  # fmt: skip
         artifacts = [results, gallery]
-        if reason := spice_unavailable_reason():
-            print(f"{self.name}: SPICE unavailable: {reason}")
+        missing = [k for k, v in scores.items() if v is None]
+        if missing:  # the reason is a report, not a metric
+            reason = (coco_unavailable_reason() if "CIDEr" in missing else None) or spice_unavailable_reason()
+            print(f"{self.name}: {', '.join(missing)} unavailable: {reason}")
+            metrics |= dict.fromkeys(missing)
             artifacts.append(reports / "unavailable.json")
-            artifacts[-1].write_text(json.dumps({"SPICE": reason}, indent=1))
+            artifacts[-1].write_text(json.dumps(dict.fromkeys(missing, reason), indent=1))
         return Results(metrics, artifacts)
 
 

@@ -29,19 +29,22 @@ HEADLINES = {
 }
 
 
-def headline(stem: str, key: str, scale: float, folder: Path) -> float:
+def headline(stem: str, key: str, scale: float, folder: Path) -> float | None:
+    """The figure, or None where the stage recorded it as unavailable (null: e.g. CIDEr without Java)."""
     path = folder / f"{stem}.json"
     if not path.is_file():
         raise ConfigError(f"summary: {path} is missing (run its stage first: `dvc repro`)")
     metrics = json.loads(path.read_text())
+    if key in metrics and metrics[key] is None:
+        return None
     if not isinstance(metrics.get(key), int | float):
         raise ConfigError(f"summary: {path} has no number {key!r}")
     return round(float(metrics[key]) * scale, 4)
 
 
-def summarise(folder: Path = Path("metrics")) -> dict[str, dict[str, float]]:
+def summarise(folder: Path = Path("metrics")) -> dict[str, dict[str, float | None]]:
     """variant -> column -> value."""
-    rows: dict[str, dict[str, float]] = {"pretrain": {}, "capfilt": {}}
+    rows: dict[str, dict[str, float | None]] = {"pretrain": {}, "capfilt": {}}
     for column, (web, bootstrapped, key, scale) in HEADLINES.items():
         rows["pretrain"][column] = headline(web, key, scale, folder)
         rows["capfilt"][column] = headline(bootstrapped, key, scale, folder)
@@ -52,5 +55,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     parse_stage_args(stage_parser("summary", __doc__ or ""), argv)
     for variant, row in summarise().items():
         write_metrics(variant, row, FOLDER)
-        print(f"summary {variant}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items()))
+        print(f"summary {variant}: " + ", ".join(f"{k}={'n/a' if v is None else f'{v:.4g}'}" for k, v in row.items()))
     return 0

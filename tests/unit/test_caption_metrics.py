@@ -69,3 +69,13 @@ def test_perfect_and_mismatched_inputs() -> None:
     assert perfect["BLEU_1"] == pytest.approx(1.0) and perfect["ROUGE_L"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="different images"):
         caption_scores({"a": "x"}, references)
+
+
+def test_without_java_every_score_is_unavailable_with_the_reason(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    from blip.eval.caption_metrics import coco_unavailable_reason
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no java on it
+    reason = coco_unavailable_reason()
+    assert reason is not None and "java" in reason and spice_unavailable_reason() == reason
+    scores = caption_scores({"1": "a red circle"}, {"1": ["a red circle", "a circle"]})
+    assert set(scores) >= {"BLEU_4", "METEOR", "CIDEr", "SPICE"} and all(v is None for v in scores.values())

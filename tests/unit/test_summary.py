@@ -50,3 +50,10 @@ def test_dvc_metrics_show_of_the_summary_fits_120_columns() -> None:
     assert done.returncode == 0 and len(lines) == 3, done.stdout + done.stderr  # a header and two rows
     assert {line.split()[0] for line in lines[1:]} == {"metrics/summary/pretrain.json", "metrics/summary/capfilt.json"}
     assert max(map(len, lines)) <= 120
+
+
+def test_a_figure_recorded_as_unavailable_is_null_in_the_summary(tmp_path: Path) -> None:
+    write_all(tmp_path, 1.0)
+    (tmp_path / "caption.json").write_text(json.dumps({"CIDEr": None, "images": 10}))  # e.g. no Java on a GPU node
+    rows = summarise(tmp_path)
+    assert rows["pretrain"]["CIDEr"] is None and rows["capfilt"]["CIDEr"] == 1.25
