@@ -161,7 +161,11 @@ def embed_main(argv: Sequence[str] | None = None) -> int:
 
     with torch.inference_mode():
         rows = search.write_embeddings(batches, kind, encode, args.out, meta)
-    print(f"wrote {rows} {kind} embeddings to {args.out}")
+    note = ""
+    if args.images is not None and Path(args.images).is_dir() and not search.is_shards(Path(args.images)):
+        skipped = len(search.image_files(Path(args.images))) - rows
+        note = f" ({skipped} unreadable images skipped)" if skipped else ""
+    print(f"wrote {rows} {kind} embeddings to {args.out}{note}")
     return 0
 
 

@@ -69,14 +69,15 @@ def image_batches(
     a shard split (a name under data.shard_root or a location; label = shard URL#key)."""
     transform = eval_transform(image_size)
     folder = Path(source)
-    if folder.is_dir() and not any(folder.glob("*.tar")):
+    if folder.is_dir() and not is_shards(folder):
         files = image_files(folder)
         for start in range(0, len(files), batch):
             labels, pixels = [], []
             for path in files[start : start + batch]:
                 try:
-                    pixels.append(transform(Image.open(path).convert("RGB")))
-                except OSError as exc:  # PIL's UnidentifiedImageError and truncated files
+                    with Image.open(path) as image:
+                        pixels.append(transform(image.convert("RGB")))
+                except (OSError, ValueError, Image.DecompressionBombError) as exc:  # not an image, truncated, huge
                     log.warning("skipping unreadable image %s: %s", path, exc)
                     continue
                 labels.append(str(path))
@@ -90,12 +91,20 @@ def image_batches(
 
 
 def image_files(folder: Path) -> list[Path]:
+    """The image files under a folder (none for anything else)."""
+    if not folder.is_dir():
+        return []
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def is_shards(folder: Path) -> bool:
+    """A folder of shards (a split), as opposed to one of image files."""
+    return folder.is_dir() and any(folder.glob("*.tar"))
 
 
 def has_images(folder: Path) -> bool:
     """Whether a folder holds shards or image files (embedding an empty folder is an error, not an empty file)."""
-    return any(folder.glob("*.tar")) or bool(image_files(folder))
+    return is_shards(folder) or bool(image_files(folder))
 
 
 def text_batches(path: Path, batch: int) -> Iterator[tuple[list[str], torch.Tensor | None]]:

@@ -93,6 +93,7 @@ def test_search_answers_a_query_reranks_by_itm_and_refuses_what_it_cannot_do(
     (folder / "broken.png").write_bytes(b"not an image")  # skipped and logged
     index = tmp_path / "photos.parquet"
     assert blip_main(["embed", "--weights", str(weights), "--images", str(folder), "--out", str(index)]) == 0
+    assert capsys.readouterr().out.strip().endswith("(1 unreadable images skipped)")
     table = pq.read_table(index).to_pydict()
     assert sorted(Path(p).name for p in table["path"]) == ["blue.jpg", "green.png", "red.png"]
     capsys.readouterr()
