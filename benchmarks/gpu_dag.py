@@ -125,16 +125,17 @@ def descendants(pid: int) -> list[int]:
 
 
 def kill_after_first_checkpoint(proc: subprocess.Popen, folder: Path, timeout: float) -> int | None:
-    """SIGKILL the process group once a checkpoint (with its checksum) exists; its step, or None if it ended first."""
+    """SIGKILL the launcher and its ranks once a checkpoint is complete; its step, or None if the run ended first."""
     deadline = time.monotonic() + timeout
     while proc.poll() is None and time.monotonic() < deadline:
-        done = sorted(folder.glob("step-*.pt.sha256"))
+        # Complete: the checkpoint renamed into place (its checksum is written before the rename).
+        done = sorted(p for p in folder.glob("step-*.pt") if Path(f"{p}.sha256").is_file())
         if done:  # as a lost machine would: the launcher and every rank at once
             for pid in [proc.pid, *descendants(proc.pid)]:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             proc.wait()
-            return int(done[-1].name.split("-")[1].split(".")[0])
+            return int(done[-1].stem.split("-")[1])
         time.sleep(0.05)
     return None
 
@@ -182,12 +183,15 @@ def main() -> int:
         if code != 0:
             failed = True
             break
-    # A resume counts if the second run started from the step the first was killed after, before the end.
+    # A resume counts if the second run started from the checkpoint the first was killed after, before the end.
     resumed = [line for line in (logs / "pretrain.log").read_text().splitlines() if "resuming from" in line]
     killed = (summary["kill_resume"] or {}).get("killed_after_checkpoint_step")
-    resumed_ok = bool(resumed) and killed is not None and killed < steps and resumed[-1].endswith(f"(step {killed})")
+    # (A checkpoint completed between the look and the kill would be resumed instead: a later step, still fine.)
+    step = int(resumed[-1].rsplit("(step ", 1)[1].rstrip(")")) if resumed else None
+    resumed_ok = killed is not None and step is not None and killed <= step < steps
     if summary["kill_resume"] is not None:
-        summary["kill_resume"].update(resumed=resumed[-1] if resumed else None, of_steps=steps, ok=resumed_ok)
+        summary["kill_resume"].update(resumed=resumed[-1] if resumed else None, resumed_from_step=step,
+                                      of_steps=steps, ok=resumed_ok)  # fmt: skip
     (args.out / "metrics").mkdir(exist_ok=True)
     found = sorted((work / "metrics").glob("*.json"))
     for path in found:

@@ -130,8 +130,8 @@ def log_model(weights: Path | None, folder: Path) -> str:
         torch.manual_seed(0)
         model = build_model("retrieval", model_config("tiny"), load_tokenizer(), queue_size=16)
         weights = save_weights(model, folder / "retrieval.safetensors", "bert-base-uncased-offline")
-    mlflow.set_tracking_uri(f"sqlite:///{folder / 'mlflow.db'}")
-    with mlflow.start_run():
+    mlflow.set_tracking_uri(f"sqlite:///{folder / 'mlflow.db'}")  # this process's MLflow state: call it in its own
+    with mlflow.start_run(experiment_id=mlflow.set_experiment("serving-load").experiment_id):
         return log_pyfunc("retrieval", weights, max_length=35).model_uri
 
 

@@ -5,18 +5,26 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.serving_load import BAD_KINDS, log_model, png, run_load, send
+from benchmarks.serving_load import BAD_KINDS, png, run_load, send
+from tests.conftest import REPO
 from tests.integration.servers import free_port, process
+
+LOG_MODEL = "import sys; from pathlib import Path; from benchmarks.serving_load import log_model; " \
+            "print(log_model(None, Path(sys.argv[1])))"  # fmt: skip
 
 
 def test_served_model_answers_bad_rows_with_400_naming_them_under_load(tmp_path: Path) -> None:
-    uri = log_model(None, tmp_path)
-    port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
+    # Logged in a process of its own: MLflow's active experiment and tracking URI are process-wide.
+    logged = subprocess.run([sys.executable, "-c", LOG_MODEL, str(tmp_path)], cwd=REPO, env=env, capture_output=True,
+                            text=True, check=True)  # fmt: skip
+    uri = logged.stdout.strip().splitlines()[-1]
+    port = free_port()
     serve = [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
              "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
     url = f"http://127.0.0.1:{port}/invocations"
