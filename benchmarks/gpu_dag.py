@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,9 +40,8 @@ SMALL_WORLD = {"web_images": 2000, "clean_train": 200, "clean_val": 50, "clean_t
 TASKS = ("caption", "retrieval", "vqa", "nlvr")
 
 
-def dag_order(dvc_yaml: Path) -> list[tuple[str, str]]:
-    """(stage name, command) of every stage, `foreach` expanded (name@key), each after the stages whose outputs
-    it depends on, otherwise in file order."""
+def expanded_stages(dvc_yaml: Path) -> list[tuple[str, dict]]:
+    """(name, spec) of every stage in file order, `foreach` expanded (name@key, `${item.*}` filled in)."""
     stages: list[tuple[str, dict]] = []
     for name, spec in yaml.safe_load(dvc_yaml.read_text())["stages"].items():
         if "foreach" not in spec:
@@ -52,9 +52,18 @@ def dag_order(dvc_yaml: Path) -> list[tuple[str, str]]:
             for field, value in item.items():
                 text = text.replace("${item." + field + "}", str(value))
             stages.append((f"{name}@{key}", yaml.safe_load(text)))
+    return stages
 
-    def paths(entries: list) -> set[str]:
-        return {next(iter(e)) if isinstance(e, dict) else e for e in entries or []}
+
+def paths(entries: list | None) -> set[str]:
+    """The paths of a stage's deps, outs or metrics (an entry is a path or {path: options})."""
+    return {next(iter(e)) if isinstance(e, dict) else e for e in entries or []}
+
+
+def dag_order(dvc_yaml: Path) -> list[tuple[str, str]]:
+    """(stage name, command) of every stage, each after the stages whose outputs it depends on, otherwise in file
+    order."""
+    stages = expanded_stages(dvc_yaml)
 
     def overlap(a: set[str], b: set[str]) -> bool:  # a folder holds the files under it
         return any(x == y or x.startswith(y + "/") or y.startswith(x + "/") for x in a for y in b)
@@ -155,7 +164,8 @@ def main() -> int:
         preset, ranks, steps, batch, workers, size = ROOT / "configs/base.yaml", torch.cuda.device_count(), \
             args.steps, 64, 8, 224  # fmt: skip
     work, logs = args.work or Path(tempfile.mkdtemp(prefix="blip-gpu-dag-")), args.out / "logs"
-    subprocess.run(["rm", "-rf", str(work), str(logs)], check=True)
+    for folder in (work, logs):
+        shutil.rmtree(folder, ignore_errors=True)
     work.mkdir(parents=True)
     logs.mkdir(parents=True)
     params = small_params(preset, steps, batch, workers, size)
@@ -207,19 +217,8 @@ def main() -> int:
 
 def _metrics_outputs(dvc_yaml: Path) -> set[str]:
     """The file names of the metrics the DAG declares in metrics/."""
-    text = dvc_yaml.read_text()
-    stages = yaml.safe_load(text)["stages"]
-    names = set()
-    for spec in stages.values():
-        variants = spec["foreach"].values() if "foreach" in spec else [{}]
-        for item in variants:
-            for entry in (spec.get("do", spec)).get("metrics", []):
-                path = next(iter(entry)) if isinstance(entry, dict) else entry
-                for field, value in item.items():
-                    path = path.replace("${item." + field + "}", str(value))
-                if path.startswith("metrics/") and path.count("/") == 1:
-                    names.add(path.removeprefix("metrics/"))
-    return names
+    declared = {path for _, spec in expanded_stages(dvc_yaml) for path in paths(spec.get("metrics"))}
+    return {path.removeprefix("metrics/") for path in declared if path.startswith("metrics/") and path.count("/") == 1}
 
 
 if __name__ == "__main__":

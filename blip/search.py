@@ -32,7 +32,7 @@ from blip.data.loader import eval_pipeline, make_loader
 from blip.data.locations import split_urls
 from blip.data.shards import IMAGE_MEMBERS, shard_samples
 from blip.data.transforms import eval_transform
-from blip.eval.retrieval import TopK, best_k
+from blip.eval.retrieval import TopK, merge_best
 from blip.models.contrastive import DualEncoder
 from blip.models.factory import load_trained
 
@@ -170,15 +170,10 @@ def index_meta(path: Path) -> dict:
 def top_k(index: Path, queries: torch.Tensor, k: int, rows: int = 65536) -> TopK:
     """Each query's k best rows of the index by ITC similarity (ties to the lower id, as the retrieval stage
     ranks), reading `rows` vectors at a time."""
-    best = TopK(torch.empty(len(queries), 0, dtype=torch.long), torch.empty(len(queries), 0))
+    best = None
     for part in pq.ParquetFile(index).iter_batches(batch_size=rows, columns=["id", "vector"]):
-        ids = torch.from_numpy(part.column("id").to_numpy().copy())
-        scores, columns = best_k(queries @ vectors_of(part).T, k)
-        merged_scores = torch.cat([best.scores, scores], dim=1)  # earlier rows first: a tie goes to the lower id
-        merged_ids = torch.cat([best.indices, ids[columns]], dim=1)
-        scores, keep = best_k(merged_scores, k)
-        best = TopK(merged_ids.gather(1, keep), scores)
-    return best
+        best = merge_best(best, queries @ vectors_of(part).T, torch.from_numpy(part.column("id").to_numpy().copy()), k)
+    return best or TopK(torch.empty(len(queries), 0, dtype=torch.long), torch.empty(len(queries), 0))
 
 
 def labels_of(index: Path, ids: set[int], rows: int = 65536) -> dict[int, str]:

@@ -46,24 +46,29 @@ def best_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return values.gather(1, order), columns.gather(1, order)
 
 
+def merge_best(best: TopK | None, scores: torch.Tensor, ids: torch.Tensor, k: int) -> TopK:
+    """A running top k (None before the first block) merged with a block's `scores` [rows, n], whose columns are
+    `ids` [n]: later blocks hold higher ids and come second, so a tie still goes to the lower id."""
+    values, columns = best_k(scores, k)
+    found = ids[columns]
+    if best is not None:
+        values, keep = best_k(torch.cat([best.scores, values], dim=1), k)
+        found = torch.cat([best.indices, found], dim=1).gather(1, keep)
+    return TopK(found, values)
+
+
 def chunked_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk: int, key_chunk: int = 16384) -> TopK:
     """Top-k of `queries @ keys.T`, `chunk` query rows x `key_chunk` keys at a time: working memory is set by the
     two chunk sizes, whatever the gallery size (a row's running top k is merged with each key block's)."""
-    k = min(k, keys.shape[0])
     indices, scores = [], []
     for start in range(0, queries.shape[0], chunk):
-        rows = queries[start : start + chunk]
-        best_scores = best_indices = None
+        rows, best = queries[start : start + chunk], None
         for key_start in range(0, keys.shape[0], key_chunk):
-            block_scores, block_indices = best_k(rows @ keys[key_start : key_start + key_chunk].T, k)
-            block_indices = block_indices + key_start
-            if best_scores is not None:  # earlier keys first: a tie still goes to the lower index
-                block_scores = torch.cat([best_scores, block_scores], dim=1)
-                block_indices = torch.cat([best_indices, block_indices], dim=1)
-            best_scores, merged = best_k(block_scores, k)
-            best_indices = block_indices.gather(1, merged)
-        indices.append(best_indices.cpu())
-        scores.append(best_scores.float().cpu())
+            block = keys[key_start : key_start + key_chunk]
+            ids = torch.arange(key_start, key_start + len(block), device=keys.device)
+            best = merge_best(best, rows @ block.T, ids, k)
+        indices.append(best.indices.cpu())
+        scores.append(best.scores.float().cpu())
     return TopK(torch.cat(indices), torch.cat(scores))
 
 
