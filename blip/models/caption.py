@@ -13,7 +13,7 @@ from torch import nn
 from blip.config.schema import ModelConfig
 from blip.data.tokenizer import SpecialTokens
 from blip.models.generation import GenerationConfig, beam_search, greedy_or_sample
-from blip.models.med import KVCache, TextDecoder
+from blip.models.med import KVCache, StaticKVCache, TextDecoder
 from blip.models.vit import create_vit
 
 PROMPT = "a picture of "
@@ -66,9 +66,12 @@ def decode(
     generator: torch.Generator | None = None,
     context_mask: torch.Tensor | None = None,
 ) -> list[list[int]]:
-    """Run the decoder on `context` (image tokens, or VQA question states) from `prompt`, one KV cache per row."""
+    """Run the decoder on `context` (image tokens, or VQA question states) from `prompt`, one KV cache per row
+    (preallocated for `max_length` positions unless beam search reorders the rows)."""
     rows = context.shape[0]
-    state = {"context": context, "mask": context_mask, "cache": KVCache()}
+    beam = config.method == "beam"
+    cache = KVCache() if beam else StaticKVCache(max(config.max_length, len(prompt)), context.device)
+    state = {"context": context, "mask": context_mask, "cache": cache}
 
     def step(ids: torch.Tensor) -> torch.Tensor:
         return decoder.next_token_logits(ids, state["context"], state["mask"], state["cache"])
@@ -80,6 +83,6 @@ def decode(
         state["cache"].select(index)
 
     batch_prompt = prompt[None].expand(rows, -1)
-    if config.method == "beam":
+    if beam:
         return beam_search(step, reorder, batch_prompt, config, tokens.sep, tokens.pad)
     return greedy_or_sample(step, batch_prompt, config, tokens.sep, tokens.pad, generator)

@@ -54,23 +54,29 @@ def _strip(seqs: torch.Tensor, prompt_length: int, eos: int) -> list[list[int]]:
 @torch.inference_mode()
 def greedy_or_sample(
     step: Step, prompt: torch.Tensor, cfg: GenerationConfig, eos: int, pad: int,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, check_every: int | None = None,
 ) -> list[list[int]]:  # fmt: skip
-    """Greedy decoding, or nucleus sampling (top-p) when `cfg.method == "nucleus"`."""
-    seqs = prompt
-    done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
+    """Greedy decoding, or nucleus sampling (top-p) when `cfg.method == "nucleus"`. Tokens go into a buffer of
+    `max_length` columns and finished rows are tracked on the device, so a step reads nothing back from it except,
+    every `check_every` steps (default: 1 on a CPU, 4 on a GPU, where each read waits for every queued kernel),
+    whether all rows are done; rows done early meanwhile get padding, which the output drops."""
+    rows, start = prompt.shape
+    check_every = check_every or (1 if prompt.device.type == "cpu" else 4)
+    seqs = torch.full((rows, max(cfg.max_length, start)), pad, dtype=prompt.dtype, device=prompt.device)
+    seqs[:, :start] = prompt
+    done = torch.zeros(rows, dtype=torch.bool, device=prompt.device)
     logits = step(prompt)
-    while seqs.shape[1] < cfg.max_length:
-        scores = _process(logits, seqs, cfg, eos)
+    for length in range(start, cfg.max_length):
+        scores = _process(logits, seqs[:, :length], cfg, eos)
         # max(-1): half of argmax's time on a CPU
         token = sample_top_p(scores, cfg.top_p, generator) if cfg.method == "nucleus" else scores.max(-1).indices
-        token = torch.where(done, torch.full_like(token, pad), token)
-        seqs = torch.cat([seqs, token[:, None]], dim=1)
+        token = torch.where(done, pad, token)
+        seqs[:, length] = token
         done |= token == eos
-        if done.all() or seqs.shape[1] >= cfg.max_length:
+        if length + 1 == cfg.max_length or ((length + 1 - start) % check_every == 0 and done.all()):
             break  # no decoder step for a token nobody will read
         logits = step(token[:, None])
-    return _strip(seqs, prompt.shape[1], eos)
+    return _strip(seqs, start, eos)
 
 
 def in_nucleus(probs: torch.Tensor, token: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -96,6 +102,8 @@ def sample_top_p(scores: torch.Tensor, top_p: float, generator: torch.Generator 
     probs = F.softmax(scores.float(), dim=-1)
     if top_p >= 1.0:  # the whole distribution (a sum of the others' mass can round to 1 and exclude a token)
         return _draw(probs, generator)
+    if probs.is_cuda:  # sorting is cheap on a GPU, and the rejection loop reads back how many rows are left
+        return _sorted_nucleus(probs, top_p, generator)
     token = torch.zeros(len(probs), dtype=torch.long, device=probs.device)
     rows = torch.arange(len(probs), device=probs.device)
     for _ in range(tries):
@@ -106,10 +114,15 @@ def sample_top_p(scores: torch.Tensor, top_p: float, generator: torch.Generator 
         rows = rows[~accepted]
         if len(rows) == 0:
             return token
-    ordered, order = probs[rows].sort(-1, descending=True)
-    nucleus = ordered * ((ordered.cumsum(-1) - ordered) < top_p)
-    token[rows] = order.gather(1, _draw(nucleus, generator)[:, None]).squeeze(1)
+    token[rows] = _sorted_nucleus(probs[rows], top_p, generator)
     return token
+
+
+def _sorted_nucleus(probs: torch.Tensor, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """The textbook nucleus draw: sort, keep the prefix whose mass before each token is below `top_p`, draw."""
+    ordered, order = probs.sort(-1, descending=True)
+    nucleus = ordered * ((ordered.cumsum(-1) - ordered) < top_p)
+    return order.gather(1, _draw(nucleus, generator)[:, None]).squeeze(1)
 
 
 def top_k(scores: torch.Tensor, k: int, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:

@@ -64,6 +64,39 @@ class KVCache:
                 if kv is not None and (kvs is self.self_kv or len(kv[0]) != len(index)):
                     kvs[i] = (kv[0].index_select(0, index), kv[1].index_select(0, index))
 
+    def extend(self, index: int, kv: LayerKV) -> LayerKV:
+        """Append the new positions' keys/values to layer `index`'s; all of them, for attention."""
+        past = self.self_kv[index]
+        if past is not None:
+            kv = (torch.cat([past[0], kv[0]], dim=2), torch.cat([past[1], kv[1]], dim=2))
+        self.self_kv[index] = kv
+        return kv
+
+
+class StaticKVCache(KVCache):
+    """Self-attention keys/values for `capacity` positions, allocated once and written in place from `position` (a
+    device tensor): every decoding step has the same shapes, allocates nothing for the cache and needs no host sync
+    to know the length, which on a GPU lets steps queue back to back (and be captured as a CUDA graph). Slots not
+    yet written are masked. For a fixed set of rows (greedy, sampling); beam search reorders rows: `KVCache`."""
+
+    def __init__(self, capacity: int, device: torch.device) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self.position = torch.zeros((), dtype=torch.long, device=device)
+
+    def select(self, index: torch.Tensor) -> None:
+        raise NotImplementedError("a static cache keeps its rows: beam search uses KVCache")
+
+    def extend(self, index: int, kv: LayerKV) -> LayerKV:
+        if self.self_kv[index] is None:
+            shape = (*kv[0].shape[:2], self.capacity, kv[0].shape[3])
+            self.self_kv[index] = (kv[0].new_zeros(shape), kv[1].new_zeros(shape))
+        slots = self.position + torch.arange(kv[0].shape[2], device=self.position.device)
+        keys, values = self.self_kv[index]
+        keys.index_copy_(2, slots, kv[0])
+        values.index_copy_(2, slots, kv[1])
+        return keys, values
+
 
 class Embeddings(nn.Module):
     """Word + absolute position embeddings, LayerNorm, dropout (BLIP has no token-type embeddings)."""
@@ -75,8 +108,8 @@ class Embeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, input_ids: torch.Tensor, past_length: int = 0) -> torch.Tensor:
-        positions = torch.arange(past_length, past_length + input_ids.shape[1], device=input_ids.device)
+    def forward(self, input_ids: torch.Tensor, past_length: int | torch.Tensor = 0) -> torch.Tensor:
+        positions = past_length + torch.arange(input_ids.shape[1], device=input_ids.device)
         x = self.word_embeddings(input_ids) + self.position_embeddings(positions)[None]
         return self.dropout(self.LayerNorm(x))
 
@@ -128,10 +161,7 @@ class Layer(nn.Module):
         attn = self.attention.self
         kv = attn.project_kv(x)
         if cache is not None:
-            past = cache.self_kv[index]
-            if past is not None:
-                kv = (torch.cat([past[0], kv[0]], dim=2), torch.cat([past[1], kv[1]], dim=2))
-            cache.self_kv[index] = kv
+            kv = cache.extend(index, kv)
         return self.attention.output(attn(x, mask, kv), x)
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -207,10 +237,15 @@ class MED(nn.Module):
         if cache is not None and not cache.self_kv:
             cache.self_kv = [None] * len(layers)
             cache.cross_kv = [None] * len(layers)
-        past = cache.length() if cache is not None else 0
+        static = isinstance(cache, StaticKVCache)
+        past = cache.position if static else cache.length() if cache is not None else 0
         length = input_ids.shape[1]
         mask = None if attention_mask is None else key_mask(attention_mask)
-        if causal and length > 1:  # one new position may see every cached one: a decoding step needs no mask
+        if static:  # every slot up to each new position; later (unwritten) slots hidden
+            rows = (past + torch.arange(length, device=input_ids.device))[:, None]
+            seen = torch.arange(cache.capacity, device=input_ids.device)[None, :] <= rows
+            mask = seen if mask is None else mask & seen
+        elif causal and length > 1:  # one new position may see every cached one: a decoding step needs no mask
             rows = torch.arange(past, past + length, device=input_ids.device)[:, None]
             seen = torch.arange(past + length, device=input_ids.device)[None, :] <= rows
             mask = seen if mask is None else mask & seen
@@ -219,6 +254,8 @@ class MED(nn.Module):
         x = self.embeddings(input_ids, past)
         for index, layer in enumerate(layers):
             x = layer(x, mask, image_embeds, image_mask_4d, cache, index)
+        if static:
+            cache.position += length  # in place: the same tensor at every step
         return x
 
 

@@ -60,3 +60,31 @@ def test_top_k_equals_torch_topk(rows: int, vocab: int, k: int) -> None:
     values, index = top_k(scores, k)
     expected_values, expected_index = scores.topk(k, dim=-1)
     assert torch.equal(values, expected_values) and torch.equal(index, expected_index)
+
+
+@pytest.mark.parametrize("method", ["greedy", "nucleus"])
+def test_the_decoding_loop_on_a_static_cache_equals_the_growing_one(method: str) -> None:
+    """Same tokens with the preallocated cache as with the growing one, and whether finished rows are checked
+    every step or every 4 (rows done early get padding meanwhile, which the output drops)."""
+    from blip.config.schema import ModelConfig
+    from blip.models.generation import GenerationConfig, greedy_or_sample
+    from blip.models.med import KVCache, StaticKVCache, TextDecoder
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=50, text_width=32, text_depth=2, text_heads=2, vision_width=24)
+    decoder = TextDecoder(cfg).eval()
+    with torch.no_grad():  # the end token about as likely as the best other one: rows end at different steps
+        decoder.cls.predictions.bias[2] = 0.1
+    image, prompt = torch.randn(16, 5, 24) * 10, torch.tensor([[1, 7, 8]]).expand(16, -1)
+    config = GenerationConfig(method, max_length=14, min_length=4, top_p=0.9, repetition_penalty=1.3)
+
+    def run(cache: KVCache, check_every: int) -> list[list[int]]:
+        step = lambda ids: decoder.next_token_logits(ids, image, None, cache)  # noqa: E731
+        generator = torch.Generator().manual_seed(3)
+        return greedy_or_sample(step, prompt, config, eos=2, pad=0, generator=generator, check_every=check_every)
+
+    growing = run(KVCache(), 1)
+    assert run(StaticKVCache(14, image.device), 1) == growing
+    assert run(StaticKVCache(14, image.device), 4) == growing
+    lengths = {len(row) for row in growing}
+    assert len(lengths) > 1 and max(lengths) <= 11  # rows ended at different steps, within max_length

@@ -204,18 +204,23 @@ def test_alpha_ramps_linearly_over_the_first_epochs() -> None:
     assert C.ramped_alpha(0.4, 0, 100, 0) == 0.4
 
 
-def test_kv_cache_decoding_equals_the_full_forward() -> None:
-    from blip.models.med import KVCache, TextDecoder
+@pytest.mark.parametrize("static", [False, True])
+def test_kv_cache_decoding_equals_the_full_forward(static: bool) -> None:
+    from blip.models.med import KVCache, StaticKVCache, TextDecoder
 
     torch.manual_seed(0)
     decoder = TextDecoder(CFG).eval()
     image = torch.randn(2, 5, CFG.vision_width)
     ids = torch.tensor([[T.bos, 1037, 2417, 4418, 2006], [T.bos, 2048, 5741, 1999, 1996]])
     full = decoder(ids, torch.ones_like(ids), image)
-    cache = KVCache()
+    cache = StaticKVCache(8, image.device) if static else KVCache()
     steps = [decoder.next_token_logits(ids[:, :2], image, None, cache)]
     for t in range(2, ids.shape[1]):
         steps.append(decoder.next_token_logits(ids[:, t : t + 1], image, None, cache))
     assert torch.allclose(torch.stack(steps, dim=1), full[:, 1:], atol=1e-5)
+    if static:  # one buffer for all 8 slots, written up to the position, never reallocated
+        assert int(cache.position) == 5 and cache.self_kv[0][0].shape[2] == 8
+        assert cache.self_kv[0][0][:, :, 5:].abs().sum() == 0 and cache.self_kv[0][0][:, :, :5].abs().sum() > 0
+        return
     cache.select(torch.tensor([1, 1]))  # beam reordering: both rows now continue the second sequence
     assert torch.equal(cache.self_kv[0][0][0], cache.self_kv[0][0][1])
