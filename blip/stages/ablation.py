@@ -32,7 +32,8 @@ def arm_of(capfilt: dict) -> str | None:
 
 
 RETRIEVAL = ("txt_r1", "img_r1", "semantic_txt_r1", "semantic_img_r1")
-FILTER = ("filter_auc_itm", "filter_auc_itc", "web_removed", "synthetic_kept", "synthetic_kept_true")
+FILTER = ("filter_auc_itm", "filter_auc_itc", "filter_auc_synthetic_itm", "web_removed", "synthetic_kept",
+          "synthetic_kept_true")  # fmt: skip
 
 
 def experiments(shown: list[dict]) -> Iterator[tuple[str, dict, dict[str, dict]]]:
@@ -78,7 +79,8 @@ def results_by_seed(shown: list[dict]) -> tuple[dict[int, dict[str, dict]], dict
 
 def table(results: dict[int, dict[str, dict]]) -> tuple[str, dict]:
     """Markdown and JSON: mean and std over seeds of each arm's summary metrics."""
-    columns = ("r1_mean", "txt_r1", "img_r1", "semantic_r1_mean", "CIDEr", "filter_auc_itm", "filter_auc_itc")
+    columns = ("r1_mean", "txt_r1", "img_r1", "semantic_r1_mean", "CIDEr", "filter_auc_itm", "filter_auc_itc",
+               "filter_auc_synthetic_itm", "synthetic_kept_true")  # fmt: skip
     summary_: dict = {}
     lines = ["| arm | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for arm in ("none", *ARMS.values(), TOP_ITC):
