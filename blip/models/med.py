@@ -76,8 +76,9 @@ class KVCache:
 class StaticKVCache(KVCache):
     """Self-attention keys/values for `capacity` positions, allocated once and written in place from `position` (a
     device tensor): every decoding step has the same shapes, allocates nothing for the cache and needs no host sync
-    to know the length, which on a GPU lets steps queue back to back (and be captured as a CUDA graph). Slots not
-    yet written are masked. For a fixed set of rows (greedy, sampling); beam search reorders rows: `KVCache`."""
+    to know the length, so on a GPU steps queue back to back (as capturing them in a CUDA graph would also need).
+    Slots not yet written are masked. For a fixed set of rows (greedy, sampling): beam search, which reorders rows,
+    uses `KVCache`. Decoding steps only (no `attention_mask`: every row decodes in step)."""
 
     def __init__(self, capacity: int, device: torch.device) -> None:
         super().__init__()
