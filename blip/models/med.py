@@ -45,6 +45,12 @@ def bert_config(cfg: ModelConfig) -> BertConfig:
     )
 
 
+def causal_mask(past: int | torch.Tensor, length: int, keys: int, device: torch.device) -> torch.Tensor:
+    """[length, keys] bool: new position i (at `past + i`) sees the key slots up to its own."""
+    rows = (past + torch.arange(length, device=device))[:, None]
+    return torch.arange(keys, device=device)[None, :] <= rows
+
+
 @dataclass
 class KVCache:
     """Keys/values of past decoder positions (self-attention) and of the image tokens (cross-attention)."""
@@ -52,8 +58,16 @@ class KVCache:
     self_kv: list[LayerKV | None] = field(default_factory=list)
     cross_kv: list[LayerKV | None] = field(default_factory=list)
 
-    def length(self) -> int:
+    def length(self) -> int | torch.Tensor:
+        """Positions already cached (where the new ones start)."""
         return 0 if not self.self_kv or self.self_kv[0] is None else self.self_kv[0][0].shape[2]
+
+    def self_mask(self, length: int, device: torch.device) -> torch.Tensor | None:
+        """Which keys `length` new positions may see: one new position sees every cached one (no mask)."""
+        return None if length == 1 else causal_mask(self.length(), length, self.length() + length, device)
+
+    def advance(self, length: int) -> None:
+        """After a forward of `length` new positions (this cache's length is that of its tensors)."""
 
     def select(self, index: torch.Tensor) -> None:
         """Reorder the batch: beam search keeps the self-attention caches of the beams it continues. A beam only
@@ -84,6 +98,15 @@ class StaticKVCache(KVCache):
         super().__init__()
         self.capacity = capacity
         self.position = torch.zeros((), dtype=torch.long, device=device)
+
+    def length(self) -> torch.Tensor:
+        return self.position
+
+    def self_mask(self, length: int, device: torch.device) -> torch.Tensor:
+        return causal_mask(self.position, length, self.capacity, device)  # unwritten slots hidden too
+
+    def advance(self, length: int) -> None:
+        self.position += length  # in place: the same tensor at every step
 
     def select(self, index: torch.Tensor) -> None:
         raise NotImplementedError("a static cache keeps its rows: beam search uses KVCache")
@@ -238,25 +261,22 @@ class MED(nn.Module):
         if cache is not None and not cache.self_kv:
             cache.self_kv = [None] * len(layers)
             cache.cross_kv = [None] * len(layers)
-        static = isinstance(cache, StaticKVCache)
-        past = cache.position if static else cache.length() if cache is not None else 0
+        past = cache.length() if cache is not None else 0
         length = input_ids.shape[1]
         mask = None if attention_mask is None else key_mask(attention_mask)
-        if static:  # every slot up to each new position; later (unwritten) slots hidden
-            rows = (past + torch.arange(length, device=input_ids.device))[:, None]
-            seen = torch.arange(cache.capacity, device=input_ids.device)[None, :] <= rows
-            mask = seen if mask is None else mask & seen
-        elif causal and length > 1:  # one new position may see every cached one: a decoding step needs no mask
-            rows = torch.arange(past, past + length, device=input_ids.device)[:, None]
-            seen = torch.arange(past + length, device=input_ids.device)[None, :] <= rows
+        if cache is not None:  # decoding (causal): the cache knows which of its slots each new position sees
+            seen = cache.self_mask(length, input_ids.device)
+        else:
+            seen = causal_mask(0, length, length, input_ids.device) if causal and length > 1 else None
+        if seen is not None:
             mask = seen if mask is None else mask & seen
         # No image mask (every image token valid) lets SDPA pick its fastest kernel.
         image_mask_4d = None if image_mask is None else key_mask(image_mask)
         x = self.embeddings(input_ids, past)
         for index, layer in enumerate(layers):
             x = layer(x, mask, image_embeds, image_mask_4d, cache, index)
-        if static:
-            cache.position += length  # in place: the same tensor at every step
+        if cache is not None:
+            cache.advance(length)
         return x
 
 
