@@ -35,19 +35,16 @@ KINDS = {"one object": "Exists", "two objects": "Pair"}
 def scores(boot: Bootstrapper, models: Models, images: torch.Tensor, texts: list[str]) -> dict[str, torch.Tensor]:
     """ITM, ITC and the captioner's summed and per-token log-likelihood of each (image, text) row, in batches."""
     out: dict[str, list[torch.Tensor]] = {"itm": [], "itc": [], "loglik_sum": [], "loglik_mean": []}
-    captioner, tokenizer, first = models.captioner, models.captioner_tokenizer, models.captioner.prompt_length - 1
+    captioner, tokenizer = models.captioner, models.captioner_tokenizer
     for start in range(0, len(texts), 256):
         batch_images, batch_texts = images[start : start + 256], texts[start : start + 256]
         for name, values in boot.score(batch_images, batch_texts).items():
             out[name].append(values)
         tokens = tokenizer([PROMPT + text for text in batch_texts], padding="longest", truncation=True,
                            max_length=boot.max_length, return_tensors="pt")  # fmt: skip
-        logp = captioner.logits(batch_images, tokens.input_ids, tokens.attention_mask).float().log_softmax(-1)
-        # Position t predicts token t + 1: the caption's tokens after the prompt, [SEP] included.
-        targets, mask = tokens.input_ids[:, first + 1 :], tokens.attention_mask[:, first + 1 :].float()
-        token_logp = logp[:, first:-1].gather(-1, targets.unsqueeze(-1)).squeeze(-1) * mask
-        out["loglik_sum"].append(token_logp.sum(1))
-        out["loglik_mean"].append(token_logp.sum(1) / mask.sum(1))
+        loglik = -captioner.negative_log_likelihood(batch_images, tokens.input_ids, tokens.attention_mask).float()
+        out["loglik_sum"].append(loglik)
+        out["loglik_mean"].append(loglik / tokens.attention_mask[:, captioner.prompt_length :].sum(1))  # [SEP] too
     return {name: torch.cat(values) for name, values in out.items()}
 
 

@@ -4,9 +4,9 @@ scored on the rest), beside the same regression on the raw pixels; for weights w
 it names the shape given the rest of the caption. The world's labels are read to measure only.
 
     python -m benchmarks.shape_probe models/pretrain.safetensors models/caption.safetensors [--shards data/shards]
-    python -m benchmarks.shape_probe --supervised-steps 1500 [--set patch_embed=conv]   # the ceiling, see below
+    python -m benchmarks.shape_probe --supervised-steps 1500 [--set model.patch_embed=conv]   # see below
 
-`--supervised-steps N` also trains a fresh ViT of the model section (with `--set` overrides) N steps on the labels
+`--supervised-steps N` also trains a fresh ViT of the model section (`--set` overrides params) N steps on the labels
 themselves (the one-object images' shape, batch 64, AdamW 5e-4) and scores it on the held-out third: how much of the
 shape the architecture learns in that many steps when it is told the answer: a reference for what pretraining,
 which must find the shape in captions, teaches it in as many steps.
@@ -23,13 +23,14 @@ import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 from torch import nn
 from tqdm import tqdm
+from transformers import PreTrainedTokenizer
 
-from blip.config.params import Params, load_params
+from blip.config.params import load_params
 from blip.config.schema import ModelConfig
 from blip.data.locations import split_urls
 from blip.data.scene import SHAPES
 from blip.eval.retrieval import load_pair_split
-from blip.models.caption import PROMPT
+from blip.models.caption import PROMPT, BlipCaptioner
 from blip.models.factory import load_trained, read_weights
 from blip.models.vit import create_vit
 
@@ -62,17 +63,17 @@ def supervised_shape(images: torch.Tensor, shapes: list[str], cfg: ModelConfig, 
 
 
 @torch.inference_mode()
-def decoder_names_shape(weights: Path, params: Params, images: torch.Tensor, objects: list[dict]) -> float:
-    """How often the captioner of `weights` (a pretraining or caption file), fed "<prompt>a <size> <colour>", ranks
-    the right shape first among the world's shapes: what its decoder reads of the shape, the rest given."""
-    captioner, tokenizer = load_trained("caption", weights, params.model, params.tokenizer.name)
+def decoder_names_shape(
+    captioner: BlipCaptioner, tokenizer: PreTrainedTokenizer, images: torch.Tensor, objects: list[dict]
+) -> float:
+    """How often the captioner, fed "<prompt>a <size> <colour>", ranks the right shape first among the world's
+    shapes: what its decoder reads of the shape, the rest given."""
     shape_ids = torch.tensor(tokenizer.convert_tokens_to_ids(list(SHAPES)))
     prompts = [f"{PROMPT}a {o['size']} {o['colour']}" for o in objects]
     tokens = tokenizer(prompts, padding="longest", return_tensors="pt")
     if not tokens.attention_mask.all():
         raise SystemExit("shape_probe: size and colour words of unequal token lengths")
     ids = tokens.input_ids[:, :-1]  # without [SEP]: the last position predicts the shape
-    captioner.eval()
     named = torch.cat([captioner.logits(images[s : s + 256], ids[s : s + 256], torch.ones_like(ids[s : s + 256]))
                        [:, -1, shape_ids].argmax(-1) for s in range(0, len(ids), 256)])  # fmt: skip
     return sum(SHAPES[int(i)] == o["shape"] for i, o in zip(named, objects, strict=True)) / len(objects)
@@ -85,31 +86,30 @@ def main() -> None:
     parser.add_argument("--shards", type=Path, default=Path("data/shards"))
     parser.add_argument("--images", type=int, default=4000, help="web images read (about a third hold one object)")
     parser.add_argument("--supervised-steps", type=int, default=0, help="also train a ViT on the shapes this long")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="model override for it")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="params override")
     args = parser.parse_args()
-    params = load_params(args.params)
+    params = load_params(args.params, args.set)
     size = params.model.image_size
     web = load_pair_split(split_urls(args.shards, "web"), size, args.images)
     one = [i for i, scene in enumerate(web.scenes) if scene and len(scene["objects"]) == 1]
     labels = {name: [web.scenes[i]["objects"][0][name] for i in one] for name in ATTRIBUTES}
     results = {"images": len(one), "pixels": probe(web.images[one].flatten(1), labels)}
     for weights in args.weights:
-        source = read_weights(weights, params.model)  # a caption file has no text encoder: build what it holds
-        task = "retrieval" if any(key.startswith("text_encoder.") for key in source.state) else "caption"
-        model, _ = load_trained(task, weights, params.model, params.tokenizer.name)
+        source = read_weights(weights, params.model)
+        # Build what the file holds: a captioner where there is a decoder (pretraining, caption), else retrieval.
+        decoder = any(key.startswith("text_decoder.") for key in source.state)
+        model, tokenizer = load_trained("caption" if decoder else "retrieval", weights, params.model,
+                                        params.tokenizer.name)  # fmt: skip
+        model.eval()
         with torch.inference_mode():
             tokens = torch.cat([model.visual_encoder(web.images[one[s : s + 256]]) for s in range(0, len(one), 256)])
         results[str(weights)] = probe(tokens.flatten(1), labels)
-        if any(key.startswith("text_decoder.") for key in source.state):
-            objects = [web.scenes[i]["objects"][0] for i in one]
-            results[str(weights)]["decoder names shape"] = decoder_names_shape(
-                weights, params, web.images[one], objects
-            )
+        if decoder:
+            lone = [web.scenes[i]["objects"][0] for i in one]
+            results[str(weights)]["decoder names shape"] = decoder_names_shape(model, tokenizer, web.images[one], lone)
     if args.supervised_steps:
-        overrides = dict(item.split("=", 1) for item in args.set)
-        cfg = ModelConfig.model_validate(params.model.model_dump() | overrides)
         name = f"supervised ViT, {args.supervised_steps} steps" + "".join(f", {item}" for item in args.set)
-        results[name] = supervised_shape(web.images[one], labels["shape"], cfg, args.supervised_steps)
+        results[name] = supervised_shape(web.images[one], labels["shape"], params.model, args.supervised_steps)
     print(json.dumps(results, indent=1))
 
 

@@ -34,6 +34,15 @@ class BlipCaptioner(nn.Module):
 
     def forward(self, images: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """LM loss of prompt + caption (`text_ids` tokenised from PROMPT + caption, starting with [CLS])."""
+        return self._caption_loss(images, text_ids, text_mask, self.label_smoothing, "mean")
+
+    def negative_log_likelihood(self, images: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor
+                                ) -> torch.Tensor:  # fmt: skip
+        """Each caption's summed -log p(caption tokens, [SEP] included | image, prompt), without label smoothing."""
+        return self._caption_loss(images, text_ids, text_mask, 0.0, "none")
+
+    def _caption_loss(self, images: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor,
+                      label_smoothing: float, reduction: str) -> torch.Tensor:  # fmt: skip
         image_embeds = self.visual_encoder(images)
         ids = text_ids.clone()
         ids[:, 0] = self.tokens.bos
@@ -41,7 +50,8 @@ class BlipCaptioner(nn.Module):
         labels[:, : self.prompt_length] = -100
         # The last prompt position predicts the first caption token; the ones before it predict nothing.
         first = self.prompt_length - 1
-        return self.text_decoder.loss(ids, text_mask, image_embeds, labels, self.label_smoothing, first=first)
+        return self.text_decoder.loss(ids, text_mask, image_embeds, labels, label_smoothing, first=first,
+                                      reduction=reduction)  # fmt: skip
 
     def logits(self, images: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         ids = text_ids.clone()
