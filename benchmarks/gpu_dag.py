@@ -156,14 +156,25 @@ def main() -> int:
     parser.add_argument("--work", type=Path, help="work folder, emptied first (default: a new temporary one)")
     parser.add_argument("--steps", type=int, default=40, help="pretraining steps (checkpoints every quarter)")
     args = parser.parse_args()
+    if not args.cpu_dry_run and not torch.cuda.is_available():
+        parser.error("no CUDA device here (--cpu-dry-run runs the same path on the CPU)")
+    if args.work is not None:
+        return run_dag(args, args.work)
+    work = Path(tempfile.mkdtemp(prefix="blip-gpu-dag-"))
+    try:  # its own temporary folder goes when done: each run writes ~350 MB there (what is kept is in --out)
+        return run_dag(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run_dag(args: argparse.Namespace, work: Path) -> int:
+    """Every stage in DAG order in `work`; summary, logs and metrics to args.out. 0 when all of it passed."""
     if args.cpu_dry_run:
         preset, ranks, steps, batch, workers, size = ROOT / "params.yaml", 2, args.steps, 16, 1, None
     else:
-        if not torch.cuda.is_available():
-            parser.error("no CUDA device here (--cpu-dry-run runs the same path on the CPU)")
         preset, ranks, steps, batch, workers, size = ROOT / "configs/base.yaml", torch.cuda.device_count(), \
             args.steps, 64, 8, 224  # fmt: skip
-    work, logs = args.work or Path(tempfile.mkdtemp(prefix="blip-gpu-dag-")), args.out / "logs"
+    logs = args.out / "logs"
     for folder in (work, logs):
         shutil.rmtree(folder, ignore_errors=True)
     work.mkdir(parents=True)
