@@ -158,13 +158,12 @@ def main() -> int:
     args = parser.parse_args()
     if not args.cpu_dry_run and not torch.cuda.is_available():
         parser.error("no CUDA device here (--cpu-dry-run runs the same path on the CPU)")
-    if args.work is not None:
-        return run_dag(args, args.work)
-    work = Path(tempfile.mkdtemp(prefix="blip-gpu-dag-"))
-    try:  # its own temporary folder goes when done: each run writes ~350 MB there (what is kept is in --out)
+    work = args.work or Path(tempfile.mkdtemp(prefix="blip-gpu-dag-"))
+    try:
         return run_dag(args, work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    finally:  # a temporary folder of its own goes when done: each run writes ~350 MB there (what is kept is in --out)
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def run_dag(args: argparse.Namespace, work: Path) -> int:
